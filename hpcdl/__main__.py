@@ -1,0 +1,7 @@
+"""python -m hpcdl."""
+
+import sys
+
+from hpcdl.cli import main
+
+sys.exit(main())

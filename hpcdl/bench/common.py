@@ -1,0 +1,96 @@
+"""What every benchmark shares: launching workers, interleaved repeats, medians, provenance."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hpcdl.errors import HpcdlError
+
+
+def mpiexec() -> list[str]:
+    """The mpiexec beside this Python (the PyPI wheel's), else the one on PATH; Open MPI flags for root."""
+    found = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+    if not found:
+        raise HpcdlError("no mpiexec found: install an MPI (pip install mpich) or load the site's MPI module")
+    banner = subprocess.run([found, "--version"], capture_output=True, text=True).stdout
+    return [found, "--allow-run-as-root", "--oversubscribe"] if "Open MPI" in banner else [found]
+
+
+def run_worker(command: list[str], timeout: float = 600, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one benchmark worker; its last stdout line is a JSON object of results."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env)
+    except subprocess.TimeoutExpired:
+        raise HpcdlError(f"benchmark worker timed out after {timeout:.0f} s: {' '.join(command)}") from None
+    if done.returncode != 0:
+        raise HpcdlError(f"benchmark worker failed ({done.returncode}): {' '.join(command)}\n{done.stderr[-2000:]}")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1])
+
+
+def interleaved(runs: dict[str, Callable[[], dict[str, Any]]], repeats: int, log=print) -> dict[str, list[dict]]:
+    """Run every variant once per round (A B A B ...), so machine noise hits all of them alike."""
+    results: dict[str, list[dict]] = {name: [] for name in runs}
+    for round_ in range(repeats):
+        for name, run in runs.items():
+            results[name].append(run())
+            rate = results[name][-1].get("samples_per_s", 0)
+            log(f"  round {round_ + 1}/{repeats}  {name:<24} {rate:>10,.0f} samples/s")
+    return results
+
+
+def median(values: list[float]) -> float:
+    """Median of repeats (robust to a noisy outlier)."""
+    return statistics.median(values)
+
+
+def spread(values: list[float]) -> float:
+    """Half the range of the repeats, relative to their median: how noisy the figure was."""
+    mid = statistics.median(values)
+    return (max(values) - min(values)) / 2 / mid if mid else 0.0
+
+
+def provenance(ranks: int, threads: int) -> dict[str, Any]:
+    """What produced a figure: commit, versions, ranks, threads, cores, oversubscription."""
+    import torch
+    from mpi4py import MPI
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
+    cores = os.cpu_count() or 1
+    return {
+        "commit": commit or "unknown",
+        "torch": torch.__version__,
+        "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+        "mpi4py": __import__("mpi4py").__version__,
+        "python": platform.python_version(),
+        "cores": cores,
+        "ranks": ranks,
+        "threads_per_rank": threads,
+        "oversubscribed": ranks * threads > cores,
+    }
+
+
+def write_json(path: str | None, flat: dict[str, Any]) -> None:
+    """Write the figures as one flat JSON object, if asked."""
+    if path:
+        Path(path).write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table (readable in a terminal, pasteable into README)."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])

@@ -1,0 +1,97 @@
+"""Which sample indices each rank reads at each step of an epoch.
+
+`global`: one permutation of the whole split per (seed, epoch); each global batch
+is cut into `size` contiguous local batches. The sample order, and so the result,
+does not depend on the number of ranks.
+
+`block`: each rank owns a contiguous block of the split (large sequential reads),
+shuffled locally per epoch and cut into as many local batches as there are steps.
+
+Either way every sample is used exactly once per epoch. With `drop_last`, the
+final partial global batch (`global`) or each block's tail beyond
+steps x local batch (`block`) is left out, the same samples at any scale for `global`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step for one rank: the indices it reads, and the size of the whole global batch."""
+
+    local: np.ndarray
+    global_count: int
+
+
+def _piece_sizes(length: int, parts: int) -> np.ndarray:
+    """Sizes of np.array_split(range(length), parts): the remainder goes to the first parts."""
+    sizes = np.full(parts, length // parts, dtype=np.int64)
+    sizes[: length % parts] += 1
+    return sizes
+
+
+class Partition:
+    """The per-step index plan of one rank for one split."""
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        rank: int,
+        size: int,
+        seed: int,
+        scheme: str = "global",
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ):
+        self.n, self.batch_size, self.rank, self.size = n, batch_size, rank, size
+        self.seed, self.scheme, self.shuffle, self.drop_last = seed, scheme, shuffle, drop_last
+        self.blocks = _piece_sizes(n, size)
+        self.block_start = int(self.blocks[:rank].sum())
+
+    def steps_per_epoch(self) -> int:
+        """Steps in one epoch; the same on every rank, so collectives stay matched."""
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def owned_range(self) -> tuple[int, int]:
+        """The [start, stop) rows this rank can ever read: what it may cache."""
+        if self.scheme == "block":
+            return self.block_start, self.block_start + int(self.blocks[self.rank])
+        return 0, self.n
+
+    def epoch(self, epoch: int) -> list[StepPlan]:
+        """This rank's plan for every step of `epoch`."""
+        return self._global(epoch) if self.scheme == "global" else self._block(epoch)
+
+    def _global(self, epoch: int) -> list[StepPlan]:
+        order = np.arange(self.n)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        plans = []
+        for step in range(self.steps_per_epoch()):
+            batch = order[step * self.batch_size : (step + 1) * self.batch_size]
+            local = np.array_split(batch, self.size)[self.rank]
+            plans.append(StepPlan(local, len(batch)))
+        return plans
+
+    def _block(self, epoch: int) -> list[StepPlan]:
+        start, stop = self.owned_range()
+        order = np.arange(start, stop)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch, self.rank]).permutation(order)
+        steps = self.steps_per_epoch()
+        if self.drop_last:
+            local_batch = self.batch_size // self.size
+            pieces = [order[s * local_batch : (s + 1) * local_batch] for s in range(steps)]
+            counts = [local_batch * self.size] * steps
+        else:
+            pieces = np.array_split(order, steps)
+            # Every rank's piece s has a size known from block lengths alone: no communication.
+            per_rank = np.stack([_piece_sizes(int(b), steps) for b in self.blocks])
+            counts = per_rank.sum(axis=0).tolist()
+        return [StepPlan(piece, int(count)) for piece, count in zip(pieces, counts)]

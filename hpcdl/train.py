@@ -1,0 +1,217 @@
+"""The one training loop: epochs, evaluation, logging, checkpoints. Strategy-agnostic."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hpcdl import checkpoint
+from hpcdl.comm import World
+from hpcdl.config import Config, TrainConfig
+from hpcdl.data.loader import Loader, SplitReader
+from hpcdl.data.partition import Partition
+from hpcdl.data.schema import DatasetInfo, validate
+from hpcdl.errors import ConfigError, DataError
+from hpcdl.metrics import PHASES, JsonlLog, PhaseTimer, slowest_rank_split
+from hpcdl.models import build
+from hpcdl.parallel import make_strategy
+from hpcdl.progress import Progress
+
+
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer named in the config."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def check_scale(cfg: Config, info: DatasetInfo, ranks: int) -> None:
+    """The checks that depend on the number of ranks, with what would work instead."""
+    batch = cfg.train.batch_size
+    if batch % ranks:
+        lower = max(ranks, batch - batch % ranks)
+        raise ConfigError(
+            f"config: train.batch_size = {batch} is not divisible by the {ranks} ranks; "
+            f"use a multiple of {ranks} (e.g. {lower})"
+        )
+    if info.sizes["train"] < batch:
+        raise DataError(
+            f"{info.path}: /train has {info.sizes['train']} samples, fewer than one global batch of "
+            f"{batch} ({ranks} ranks x {batch // ranks}); lower train.batch_size or use more data"
+        )
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built and checked before the first collective."""
+
+    info: DatasetInfo
+    model: torch.nn.Module
+    resume_state: dict[str, Any] | None
+
+
+def prepare(cfg: Config, world: World, resume: str | None) -> Setup:
+    """Validate data, config and checkpoint on every rank; all fail together or none does."""
+    info = world.agree(lambda: validate(cfg.data.path, scan=cfg.data.scan) if world.is_root else None)
+    info = world.comm.bcast(info, root=0)
+
+    def build_rank_parts() -> Setup:
+        check_scale(cfg, info, world.size)
+        model = build(cfg.model, info.feature_shape, info.num_classes, cfg.train.seed)
+        state = checkpoint.load(checkpoint.resolve(resume, cfg.run.dir)) if resume else None
+        if state:
+            model.load_state_dict(state["model"])
+        return Setup(info, model, state)
+
+    return world.agree(build_rank_parts)
+
+
+def make_loaders(cfg: Config, world: World, info: DatasetInfo, data_rank: int, data_size: int) -> tuple[Loader, Loader]:
+    """Train and validation loaders for this rank's share of every global batch."""
+    budget = cfg.data.cache_mb * 2**20
+    train_part = Partition(
+        info.sizes["train"],
+        cfg.train.batch_size,
+        data_rank,
+        data_size,
+        cfg.train.seed,
+        cfg.data.partition,
+        drop_last=cfg.data.drop_last,
+    )
+    val_part = Partition(info.sizes["val"], cfg.train.batch_size, data_rank, data_size, 0, shuffle=False)
+    return world.agree(
+        lambda: (
+            Loader(
+                SplitReader(cfg.data.path, "train", train_part.owned_range(), budget), train_part, cfg.data.prefetch
+            ),
+            Loader(SplitReader(cfg.data.path, "val", val_part.owned_range(), budget), val_part, cfg.data.prefetch),
+        )
+    )
+
+
+def evaluate(strategy, loader: Loader, world: World) -> dict[str, float]:
+    """Validation loss and accuracy over the whole split, summed over ranks."""
+    sums = np.zeros(3)
+    for batch in loader.epoch(0):
+        sums += strategy.evaluate_batch(batch)
+    loss, correct, count = world.allreduce_sum(sums)
+    return {"val_loss": loss / max(count, 1), "val_acc": correct / max(count, 1)}
+
+
+def train(cfg: Config, world: World, resume: str | None = None) -> dict[str, Any]:
+    """Train as the config says; returns the final summary (the same on every rank)."""
+    setup = prepare(cfg, world, resume)
+    strategy = make_strategy(cfg, world, setup.model)
+    train_loader, val_loader = make_loaders(cfg, world, setup.info, strategy.data_rank, strategy.data_size)
+    optimizer = build_optimizer(cfg.train, strategy.params)
+    state = setup.resume_state
+    if state:
+        strategy.load_optimizer_state(optimizer, state["optimizer"])
+    strategy.sync_optimizer(optimizer)
+    epoch, step_in_epoch, global_step = (
+        (state["epoch"], state["step_in_epoch"], state["global_step"]) if state else (0, 0, 0)
+    )
+
+    run_dir = Path(cfg.run.dir)
+    if world.is_root:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    log = JsonlLog(run_dir / "metrics.jsonl" if world.is_root else None)
+    world.log(
+        f"hpcdl: {world.size} ranks on {world.num_nodes} node(s), {torch.get_num_threads()} threads per rank; "
+        f"model {cfg.model.name} ({sum(p.numel() for p in strategy.params):,} parameters); "
+        f"data {cfg.data.path} ({setup.info.sizes['train']:,} train / {setup.info.sizes['val']:,} val, "
+        f"partition {cfg.data.partition})" + (f"; resumed at step {global_step}" if resume else "")
+    )
+
+    def save_checkpoint() -> None:
+        state = {
+            "model": strategy.model_state(),
+            "optimizer": strategy.optimizer_state(optimizer),
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "world_size": world.size,
+            "config": cfg.to_dict(),
+            "source": cfg.source,
+        }
+        if world.is_root:
+            checkpoint.save(cfg.run.dir, global_step, state, cfg.run.keep)
+
+    timer, steps_timed, samples_timed = PhaseTimer(), 0, 0
+    steps_per_epoch = len(train_loader)
+    accumulate = cfg.parallel.accumulate_steps
+    last_step = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    began = time.perf_counter()
+    history: dict[str, Any] = {}
+    while epoch < cfg.train.epochs and global_step < last_step:
+        sums = np.zeros(3)
+        epoch_steps = min(steps_per_epoch - step_in_epoch, last_step - global_step)
+        bar = Progress(
+            epoch_steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", enabled=world.is_root and cfg.run.progress
+        )
+        with bar:
+            for batch in train_loader.epoch(epoch, step_in_epoch):
+                timer.add("data", batch.wait_s)
+                # Gradient accumulation: communicate and step on the last batch of each window.
+                window_start = step_in_epoch - step_in_epoch % accumulate
+                window = min(accumulate, steps_per_epoch - window_start)
+                sync = step_in_epoch + 1 == window_start + window
+                sums += strategy.train_step(batch, timer, sync=sync, scale=1.0 / window)
+                if sync:
+                    with timer.phase("optimizer"):
+                        optimizer.step()
+                        strategy.zero_grad()
+                step_in_epoch += 1
+                global_step += 1
+                steps_timed += 1
+                samples_timed += batch.global_count
+                bar.postfix = f"loss={sums[0] / max(sums[2], 1):.4f}"
+                bar.update(1)
+                if sync and cfg.run.checkpoint_every and global_step % cfg.run.checkpoint_every == 0:
+                    save_checkpoint()
+                if global_step >= last_step:
+                    break
+        if step_in_epoch >= steps_per_epoch:
+            epoch, step_in_epoch = epoch + 1, 0
+        loss_sum, correct, count = world.allreduce_sum(sums)
+        history = {
+            "epoch": epoch if step_in_epoch == 0 else epoch + step_in_epoch / steps_per_epoch,
+            "step": global_step,
+            "loss": loss_sum / max(count, 1),
+            "acc": correct / max(count, 1),
+            **evaluate(strategy, val_loader, world),
+        }
+        log.write(event="epoch", **history)
+        world.log(
+            f"epoch {history['epoch']:g}  loss={history['loss']:.4f} acc={history['acc']:.3f}  "
+            f"val_loss={history['val_loss']:.4f} val_acc={history['val_acc']:.3f}"
+        )
+    elapsed = time.perf_counter() - began
+    save_checkpoint()
+    split = slowest_rank_split(world, timer, steps_timed)
+    digests = world.comm.allgather(checkpoint.parameter_digest(strategy.model_state()))
+    summary = {
+        **history,
+        "ranks": world.size,
+        "threads_per_rank": torch.get_num_threads(),
+        "steps": steps_timed,
+        "samples_per_s": samples_timed / elapsed if elapsed > 0 else 0.0,
+        "elapsed_s": elapsed,
+        "ms_per_step": split,
+        "param_digests": digests,
+    }
+    log.write(event="summary", **summary)
+    if world.is_root:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    world.log(
+        f"done: {steps_timed} steps in {elapsed:.1f} s, {summary['samples_per_s']:,.0f} samples/s; "
+        "time per step (ms, slowest rank): " + "  ".join(f"{p} {split[p]:.2f}" for p in PHASES)
+    )
+    return summary

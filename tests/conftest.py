@@ -1,0 +1,61 @@
+"""Shared test harness: run hpcdl under a real mpiexec, always with a timeout; small datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+
+
+def mpi_command(ranks: int, *args: str) -> list[str]:
+    """`mpiexec -n ranks python ...`; Open MPI needs flags to run as root and oversubscribe."""
+    launcher = [MPIEXEC, "-n", str(ranks)]
+    if "Open MPI" in subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True).stdout:
+        launcher += ["--allow-run-as-root", "--oversubscribe"]
+    return [*launcher, sys.executable, *args]
+
+
+def run_mpi(ranks: int, *args: str, timeout: float = 120, cwd: Path | None = None, env: dict | None = None):
+    """Run `python args...` on `ranks` ranks under mpiexec; a hang fails the test, never blocks it."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    try:
+        return subprocess.run(
+            mpi_command(ranks, *args), capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO, env=full_env
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"mpiexec -n {ranks} {' '.join(args)} hung for {timeout} s:\n{exc.stdout}\n{exc.stderr}")
+
+
+def hpcdl_train(ranks: int, config: str, *sets: str, extra: tuple[str, ...] = (), timeout: float = 120):
+    """`hpcdl train --config C --set ...` on `ranks` ranks, one thread each (2 cores here)."""
+    args = ["-m", "hpcdl", "train", "--config", config, "--threads", "1", *extra]
+    for assignment in sets:
+        args += ["--set", assignment]
+    return run_mpi(ranks, *args, timeout=timeout)
+
+
+def read_summary(run_dir: Path) -> dict:
+    """The summary.json a run wrote."""
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def datasets(tmp_path_factory) -> dict[str, Path]:
+    """Small real files of every kind, built once per test session."""
+    from hpcdl.data import make
+
+    folder = tmp_path_factory.mktemp("datasets")
+    paths = {name: folder / f"{name}.h5" for name in ("digits", "synthetic", "images", "sequences")}
+    make.make_digits(paths["digits"])
+    make.make_synthetic(paths["synthetic"], n=600, features=20, classes=4, progress=False)
+    make.make_images(paths["images"], n=300, channels=1, height=8, width=8, classes=3, progress=False)
+    make.make_sequences(paths["sequences"], n=300, length=6, features=3, classes=3, progress=False)
+    return paths

@@ -1,0 +1,44 @@
+"""Plain single-process PyTorch training, the oracle every parallel path is compared against."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hpcdl.config import ModelConfig
+from hpcdl.models import build
+
+
+def reference_train(
+    path, model_cfg: ModelConfig, *, seed: int, batch: int, steps: int, lr: float, momentum: float = 0.9
+) -> dict[str, torch.Tensor]:
+    """SGD on the whole global batch in one process; sample order from (seed, epoch) as documented."""
+    with h5py.File(path, "r") as f:
+        x, y = torch.from_numpy(f["train/x"][:]), torch.from_numpy(f["train/y"][:])
+        classes = int(f.attrs["num_classes"])
+    model = build(model_cfg, tuple(x.shape[1:]), classes, seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    done, epoch = 0, 0
+    while done < steps:
+        order = np.random.default_rng([seed, epoch]).permutation(len(y))
+        for start in range(0, len(y), batch):
+            chunk = torch.from_numpy(order[start : start + batch])
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[chunk]), y[chunk]).backward()
+            optimizer.step()
+            done += 1
+            if done == steps:
+                break
+        epoch += 1
+    return model.state_dict()
+
+
+def assert_close_states(actual: dict, expected: dict, atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    """Every tensor of two state dicts equal within float tolerance, naming the first that is not."""
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(
+            actual[name], expected[name], atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}"
+        )

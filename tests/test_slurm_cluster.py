@@ -1,0 +1,54 @@
+"""The local one-node Slurm cluster runs jobs and reports how they ended."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import slurm_cluster
+
+pytestmark = pytest.mark.slurm
+JOB_TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> Iterator[dict[str, str]]:
+    """The cluster's client environment; stopped at the end if this session started it."""
+    reason = slurm_cluster.cluster_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    was_up = slurm_cluster.is_up()
+    env = slurm_cluster.ensure_cluster()
+    yield env
+    if not was_up:
+        slurm_cluster.stop_cluster()
+
+
+def run_script(tmp_path: Path, body: str, *sbatch_args: str) -> tuple[dict[str, str], str]:
+    """Submit `body` as a batch script, wait for it, return (job fields, output)."""
+    script = tmp_path / "job.sh"
+    script.write_text(f"#!/bin/bash\n{body}\n")
+    job_id = slurm_cluster.submit(
+        script, f"--output={tmp_path}/slurm-%j.out", f"--chdir={tmp_path}", "--time=2", *sbatch_args
+    )
+    info = slurm_cluster.wait_job(job_id, JOB_TIMEOUT_S)
+    return info, (tmp_path / f"slurm-{job_id}.out").read_text()
+
+
+def test_job_completes_with_its_tasks(slurm_env, tmp_path):
+    info, output = run_script(tmp_path, "hostname\necho ntasks=$SLURM_NTASKS", "--ntasks=2")
+    assert info["JobState"] == "COMPLETED", output
+    assert info["ExitCode"] == "0:0"
+    assert info["StdOut"] == str(tmp_path / f"slurm-{info['JobId']}.out")
+    lines = output.split()
+    assert socket.gethostname().split(".")[0] in lines
+    assert "ntasks=2" in lines
+
+
+def test_failing_job_reports_its_exit_code(slurm_env, tmp_path):
+    info, _ = run_script(tmp_path, "echo before\nexit 3")
+    assert info["JobState"] == "FAILED"
+    assert info["ExitCode"] == "3:0"
