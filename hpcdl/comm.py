@@ -145,11 +145,15 @@ def _node_layout(comm) -> tuple[int, int, int, int]:
 
 
 def threads_per_rank(local_size: int) -> int:
-    """Cores this rank owns: Slurm's cpus-per-task, else this node's cores / ranks on it."""
+    """Cores this rank owns: Slurm's cpus-per-task, else its CPU binding, else node cores / ranks on it."""
     slurm = os.environ.get("SLURM_CPUS_PER_TASK")
     if slurm and slurm.isdigit():
         return max(1, int(slurm))
-    return max(1, (os.cpu_count() or 1) // max(1, local_size))
+    cores = os.cpu_count() or 1
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    if allowed < cores:
+        return allowed  # the launcher bound this rank to its own cores
+    return max(1, cores // max(1, local_size))
 
 
 def init(verbose: bool = False, threads: int | None = None) -> World:

@@ -124,7 +124,7 @@ def train(cfg: Config, world: World, resume: str | None = None) -> dict[str, Any
         run_dir.mkdir(parents=True, exist_ok=True)
     log = JsonlLog(run_dir / "metrics.jsonl" if world.is_root else None)
     world.log(
-        f"hpcdl: {world.size} ranks on {world.num_nodes} node(s), {torch.get_num_threads()} threads per rank; "
+        f"hpcdl: {world.size} ranks on {world.num_nodes} node(s), torch threads per rank: {torch.get_num_threads()}; "
         f"model {cfg.model.name} ({sum(p.numel() for p in strategy.params):,} parameters); "
         f"data {cfg.data.path} ({setup.info.sizes['train']:,} train / {setup.info.sizes['val']:,} val, "
         f"partition {cfg.data.partition})" + (f"; resumed at step {global_step}" if resume else "")

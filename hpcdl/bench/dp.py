@@ -56,7 +56,8 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
 
         world = comm.init(threads=args.threads)
         rank, size = world.rank, world.size
-        strategy = DataParallel(model, world, args.bucket_mb, overlap=args.engine != "hpcdl-no-overlap")
+        overlap = args.engine != "hpcdl-no-overlap"
+        strategy = DataParallel(model, world, args.bucket_mb, overlap=overlap, compression=args.compression)
         optimizer = torch.optim.SGD(strategy.params, lr=0.01)
         share = slice(rank * GLOBAL_BATCH // size, (rank + 1) * GLOBAL_BATCH // size)
         batch = Batch(x[share], y[share], GLOBAL_BATCH)
@@ -124,6 +125,8 @@ def _command(engine: str, model: str, ranks: int, opts: argparse.Namespace) -> l
         str(opts.warmup),
         "--bucket-mb",
         str(opts.bucket_mb),
+        "--compression",
+        opts.compression,
     ]
     if engine == "single":
         return [sys.executable, *worker]
@@ -200,6 +203,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bucket-mb", type=float, default=25.0)
+    parser.add_argument(
+        "--compression", choices=["none", "fp16", "bf16"], default="none", help="hpcdl gradients on the wire"
+    )
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--json", help="write the figures here as one flat JSON object")
 
