@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RANKS ?= 4
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench scale clean
 
 include slurm/local/slurm.mk
 
@@ -44,3 +44,15 @@ bench: $(STAMP)
 	mkdir -p runs
 	PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m hpcdl bench allreduce --json runs/bench-allreduce.json
 	PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m hpcdl bench dp --json runs/bench-dp.json
+
+# The README's scaling study: MLP and CNN at 1 and 2 ranks, then tables, plots and a projection in docs/scaling.
+SCALE_RUN = PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m hpcdl scale run --ranks 1,2 --repeats 3 --no-report
+scale: $(STAMP)
+	$(PY) -m hpcdl data make synthetic --n 20000 --no-progress --out datasets/scale-synthetic.h5
+	$(PY) -m hpcdl data make images --n 3000 --no-progress --out datasets/scale-images.h5
+	rm -rf runs/scale-mlp runs/scale-cnn
+	$(SCALE_RUN) --config synthetic-mlp --set data.path=datasets/scale-synthetic.h5 --steps 30 --warmup 5 --out runs/scale-mlp
+	$(SCALE_RUN) --config images-cnn --set data.path=datasets/scale-images.h5 --steps 20 --warmup 3 --out runs/scale-cnn
+	PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m hpcdl bench comm --json docs/scaling/comm.json
+	$(PY) -m hpcdl scale report runs/scale-mlp runs/scale-cnn --out docs/scaling
+	$(PY) -m hpcdl scale project --study runs/scale-mlp --comm docs/scaling/comm.json --out docs/scaling

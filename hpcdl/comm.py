@@ -18,6 +18,8 @@ T = TypeVar("T")
 
 # Exit status of a job ended by an error (bad input, exception on any rank).
 EXIT_ERROR = 2
+# Exit status of a job stopped by SIGTERM/SIGUSR1 after writing a checkpoint (EX_TEMPFAIL: requeue me).
+EXIT_REQUEUE = 75
 
 
 def mpi():

@@ -17,7 +17,7 @@ class DataConfig:
     """Where samples come from and how they are split across ranks."""
 
     path: str = ""
-    partition: str = "global"  # global | block
+    partition: str = "global"  # global | block | columns (mlp: each rank reads its feature columns)
     cache_mb: float = 1024.0  # a rank caches what it reads when it fits this budget
     prefetch: int = 2  # batches read ahead by a background thread; 0 = synchronous
     scan: bool = False  # scan features for NaN/Inf before training
@@ -25,7 +25,7 @@ class DataConfig:
 
     def check(self) -> None:
         _need(bool(self.path), "data.path", "must name an HDF5 file (see datasets/README.md)")
-        _choice("data.partition", self.partition, ("global", "block"))
+        _choice("data.partition", self.partition, ("global", "block", "columns"))
         _need(self.cache_mb >= 0, "data.cache_mb", "must be >= 0")
         _need(self.prefetch >= 0, "data.prefetch", "must be >= 0")
 
@@ -41,10 +41,18 @@ class ModelConfig:
     cell: str = "lstm"  # rnn: lstm | gru
     rnn_hidden: int = 64
     rnn_layers: int = 1
+    factory: str = ""  # "package.module:function" building your own model (see hpcdl.models.from_factory)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the factory
 
     def check(self) -> None:
         from hpcdl.models import MODELS
 
+        if self.factory:
+            module, sep, function = self.factory.partition(":")
+            shape = f"= {self.factory!r} must look like 'package.module:function'"
+            _need(bool(sep and module and function), "model.factory", shape)
+        else:
+            _need(not self.kwargs, "model.kwargs", "are only used with model.factory")
         _choice("model.name", self.name, tuple(MODELS))
         _need(all(h > 0 for h in self.hidden), "model.hidden", "sizes must be positive")
         _need(all(c > 0 for c in self.channels), "model.channels", "sizes must be positive")
@@ -82,11 +90,19 @@ class RunConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     keep: int = 3  # checkpoints kept
     progress: bool = True  # progress bar on rank 0
+    warmup_steps: int = 0  # first steps left out of the summary's timings (samples/s, time split)
+    watchdog_s: float = 900.0  # a step running longer ends the job with a report of the stuck ranks; 0 = off
+    nan_policy: str = "abort"  # abort | skip: what a NaN/Inf loss or gradient does
+    check_every: int = 100  # steps between cross-rank checks that replicas hold equal parameters; 0 = off
 
     def check(self) -> None:
         _need(bool(self.dir), "run.dir", "must name a folder")
+        _need(self.watchdog_s >= 0, "run.watchdog_s", "must be >= 0 (0 turns the watchdog off)")
+        _choice("run.nan_policy", self.nan_policy, ("abort", "skip"))
+        _need(self.check_every >= 0, "run.check_every", "must be >= 0 (0 turns the check off)")
         _need(self.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0")
         _need(self.keep > 0, "run.keep", "must be >= 1")
+        _need(self.warmup_steps >= 0, "run.warmup_steps", "must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -98,9 +114,23 @@ class ParallelConfig:
     overlap: bool = True  # start each bucket's Allreduce during backward
     compression: str = "none"  # none | fp16 | bf16: gradients' type on the wire
     accumulate_steps: int = 1  # global batches per optimizer step (communicate on the last)
+    stages: int = 1  # pipeline: ranks the model's layers are cut over
+    micro_batches: int = 1  # pipeline: micro-batches per global batch
+    schedule: str = "1f1b"  # pipeline: gpipe | 1f1b
+    balance: str = "params"  # pipeline: params | time (measured per layer), unless cuts are named
+    cuts: list[int] = field(default_factory=list)  # pipeline: layer indices where stages 2..S begin
+    replicas: int = 1  # pipeline/tensor: data-parallel copies; world = replicas x stages (or x tensor)
+    tensor: int = 1  # tensor: ranks each MLP layer pair is split over
 
     def check(self) -> None:
-        _choice("parallel.mode", self.mode, ("data",))
+        _choice("parallel.mode", self.mode, ("data", "pipeline", "tensor"))
+        for key in ("stages", "micro_batches", "replicas", "tensor"):
+            _need(getattr(self, key) >= 1, f"parallel.{key}", "must be >= 1")
+        _choice("parallel.schedule", self.schedule, ("gpipe", "1f1b"))
+        _choice("parallel.balance", self.balance, ("params", "time"))
+        if self.cuts:
+            _need(len(self.cuts) == self.stages - 1, "parallel.cuts", f"must name {self.stages - 1} layer indices")
+            _need(self.cuts == sorted(set(self.cuts)) and self.cuts[0] >= 1, "parallel.cuts", "must increase from 1")
         _need(self.bucket_mb > 0, "parallel.bucket_mb", "must be positive")
         _choice("parallel.compression", self.compression, ("none", "fp16", "bf16"))
         _need(self.accumulate_steps >= 1, "parallel.accumulate_steps", "must be >= 1")
@@ -116,6 +146,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     source: str = ""  # where it came from (file or named config), for logs and checkpoints
+    folder: str = ""  # the config file's folder: where model.factory's module is also looked for
 
     def check(self) -> Config:
         """Validate every section; raise ConfigError naming the first bad key."""
@@ -127,6 +158,8 @@ class Config:
             ("run.checkpoint_every", self.run.checkpoint_every),
         ):
             _need(value % steps == 0, key, f"must be a multiple of parallel.accumulate_steps = {steps}")
+        columns_ok = self.data.partition != "columns" or self.parallel.mode == "data"
+        _need(columns_ok, "data.partition", f"= 'columns' needs parallel.mode = 'data', not {self.parallel.mode!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,6 +182,11 @@ def _choice(key: str, value: object, allowed: tuple) -> None:
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:
     """Check a TOML value against a field's type; ints are accepted where floats are."""
+    if get_origin(kind) is dict:
+        # A table passed through as is (e.g. model.kwargs): its values are the user's to check.
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: {key} must be a table, e.g. {{hidden = [64]}}, got {value!r}")
+        return dict(value)
     if get_origin(kind) is list:
         (item,) = get_args(kind)
         if not isinstance(value, list):
@@ -174,14 +212,14 @@ def _section_from(name: str, cls: type, table: Any) -> Any:
     return cls(**values)
 
 
-def from_dict(tree: dict[str, Any], source: str = "") -> Config:
+def from_dict(tree: dict[str, Any], source: str = "", folder: str = "") -> Config:
     """Build and validate a Config from a nested dict; unknown sections and keys are errors."""
     for name in tree:
         if name not in SECTIONS:
             raise ConfigError(f"config: unknown section [{name}] (known: {', '.join(SECTIONS)})")
     hints = get_type_hints(Config)
     sections = {name: _section_from(name, hints[name], tree.get(name, {})) for name in SECTIONS}
-    return Config(**sections, source=source).check()
+    return Config(**sections, source=source, folder=folder).check()
 
 
 def named_configs() -> list[str]:
@@ -230,4 +268,6 @@ def load(name_or_path: str, overrides: list[str] | None = None) -> Config:
         if not isinstance(tree[section], dict):
             raise ConfigError(f"config: [{section}] must be a table")
         tree[section][key] = value
-    return from_dict(tree, source)
+    # A named config has no folder of its own: its factory is looked for on sys.path only.
+    folder = str(Path(source).resolve().parent) if Path(source).is_file() else ""
+    return from_dict(tree, source, folder)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from hpcdl.config import ModelConfig
+from hpcdl.errors import ConfigError
 
 
 class MLP(nn.Sequential):
@@ -68,7 +72,49 @@ MODELS: dict[str, Builder] = {
 }
 
 
-def build(cfg: ModelConfig, feature_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
-    """Build the named model with the dataset's shapes; the seed makes every rank's copy equal."""
+def load_factory(spec: str, folder: str = "") -> Callable[..., Any]:
+    """The function named by 'package.module:function', looked for on sys.path, then in `folder`."""
+    module_name, _, function_name = spec.partition(":")
+    if folder and folder not in sys.path:
+        # Appended, not prepended: a module on PYTHONPATH wins over one next to the config.
+        sys.path.append(folder)
+    where = f"PYTHONPATH or the config's folder {folder}" if folder else "PYTHONPATH (or the current folder)"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"model.factory = {spec!r}: cannot import {exc.name!r}; put it on {where}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing: report why
+        raise ConfigError(
+            f"model.factory = {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ConfigError(f"model.factory = {spec!r}: module {module_name!r} has no function {function_name!r}")
+    return function
+
+
+def from_factory(
+    spec: str, feature_shape: tuple[int, ...], num_classes: int, kwargs: dict[str, Any], folder: str = ""
+) -> nn.Module:
+    """Call the user's `factory(feature_shape, num_classes, **kwargs)` and check it returns an nn.Module.
+
+    The factory's signature: `feature_shape` is one sample's shape, e.g. (64,) or (1, 28, 28);
+    `num_classes` the number of labels; `kwargs` the `[model] kwargs` table. It returns a
+    `torch.nn.Module` mapping a batch (n, *feature_shape) to logits (n, num_classes).
+    """
+    factory = load_factory(spec, folder)
+    try:
+        model = factory(tuple(feature_shape), num_classes, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the user's code failed: name it and the cause
+        raise ConfigError(f"model.factory = {spec!r} raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.factory = {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build(cfg: ModelConfig, feature_shape: tuple[int, ...], num_classes: int, seed: int, folder: str = "") -> nn.Module:
+    """Build the named model (or `cfg.factory`'s) with the dataset's shapes; the seed makes every rank's copy equal."""
     torch.manual_seed(seed)
+    if cfg.factory:
+        return from_factory(cfg.factory, tuple(feature_shape), num_classes, cfg.kwargs, folder)
     return MODELS[cfg.name](cfg, tuple(feature_shape), num_classes)

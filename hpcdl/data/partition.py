@@ -6,6 +6,13 @@ does not depend on the number of ranks.
 
 `block`: each rank owns a contiguous block of the split (large sequential reads),
 shuffled locally per epoch and cut into as many local batches as there are steps.
+The local shuffle is windowed: windows of WINDOW_BATCHES local batches of
+consecutive rows are visited in a random order, rows shuffled within each, so a
+streaming reader reads each window once, sequentially.
+
+`columns` (data.partition = "columns"): every rank reads every sample of each
+global batch, only its own feature columns; rows are planned as `global` with one
+data rank (the strategy reports data_size 1).
 
 Either way every sample is used exactly once per epoch. With `drop_last`, the
 final partial global batch (`global`) or each block's tail beyond
@@ -17,6 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+# Local batches per shuffle window of the `block` scheme: reads stay sequential, batches still mix.
+WINDOW_BATCHES = 8
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,8 @@ class Partition:
         drop_last: bool = False,
     ):
         self.n, self.batch_size, self.rank, self.size = n, batch_size, rank, size
+        # `columns` splits features, not samples: its rows are planned like `global` (with size 1).
+        scheme = "global" if scheme == "columns" else scheme
         self.seed, self.scheme, self.shuffle, self.drop_last = seed, scheme, shuffle, drop_last
         self.blocks = _piece_sizes(n, size)
         self.block_start = int(self.blocks[:rank].sum())
@@ -83,7 +95,7 @@ class Partition:
         start, stop = self.owned_range()
         order = np.arange(start, stop)
         if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch, self.rank]).permutation(order)
+            order = self._windowed_shuffle(order, np.random.default_rng([self.seed, epoch, self.rank]))
         steps = self.steps_per_epoch()
         if self.drop_last:
             local_batch = self.batch_size // self.size
@@ -95,3 +107,14 @@ class Partition:
             per_rank = np.stack([_piece_sizes(int(b), steps) for b in self.blocks])
             counts = per_rank.sum(axis=0).tolist()
         return [StepPlan(piece, int(count)) for piece, count in zip(pieces, counts)]
+
+    def _windowed_shuffle(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The block's windows in a random order, each window's rows shuffled within it.
+
+        A window is WINDOW_BATCHES local batches of consecutive rows, so the batches
+        of one window lie in one span of the file that a streaming reader reads once,
+        sequentially (see SplitReader), instead of as scattered rows.
+        """
+        window = max(1, WINDOW_BATCHES * max(1, self.batch_size // self.size))
+        windows = [order[i : i + window] for i in range(0, len(order), window)]
+        return np.concatenate([rng.permutation(windows[w]) for w in rng.permutation(len(windows))] or [order])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from hpcdl import trace
 from hpcdl.comm import World, mpi
 
 WIRE_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -22,6 +24,7 @@ class Bucket:
     gathered: torch.Tensor | None = None  # bf16: every rank's wire copy (MPI cannot sum bf16)
     ready: int = 0
     request: object = None
+    started: float = 0.0  # when its Allreduce began (recorded only while tracing)
 
 
 def group_parameters(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Parameter]]:
@@ -77,6 +80,8 @@ class GradBuckets:
         """Begin summing one bucket over ranks without waiting for it."""
         MPI = mpi()
         comm = self.world.comm
+        if trace.ACTIVE is not None:
+            bucket.started = time.perf_counter()
         if bucket.wire is None:
             bucket.request = comm.Iallreduce(MPI.IN_PLACE, [bucket.flat.numpy(), MPI.FLOAT], op=MPI.SUM)
             return
@@ -104,6 +109,10 @@ class GradBuckets:
     def wait(self) -> None:
         """Wait for every bucket's sum; afterwards each .grad holds the sum over ranks."""
         mpi().Request.Waitall([b.request for b in self.buckets])
+        if trace.ACTIVE is not None:  # one timeline event per bucket: its start to the wait's end
+            done = time.perf_counter()
+            for k, b in enumerate(self.buckets):
+                trace.ACTIVE.record(f"allreduce bucket {k}", b.started, done - b.started, trace.BUCKET_TID + k)
         for bucket in self.buckets:
             bucket.request, bucket.ready = None, 0
             if bucket.gathered is not None:

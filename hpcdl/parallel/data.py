@@ -106,6 +106,11 @@ class DataParallel:
         self.grads.zero()
 
     @property
+    def bytes_per_sync(self) -> int:
+        """Bytes of gradients this rank reduces per optimizer step (for the scaling study)."""
+        return self.grads.bytes_per_sync
+
+    @property
     def data_rank(self) -> int:
         """This rank's share of each global batch."""
         return self.world.rank

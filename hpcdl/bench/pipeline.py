@@ -1,0 +1,263 @@
+"""`hpcdl bench pipeline`: hpcdl GPipe and 1F1B vs torch.distributed.pipelining (gloo) vs one process.
+
+The same deep MLP (`--layers` x Linear(width, width) with ReLUs), cut at the same layers,
+the same global batch and micro-batches for every engine; variants interleaved A B A B.
+hpcdl's workers also report the bubble: the fraction of a step a stage spends neither in
+forward nor in backward, next to the theory (S-1)/(m+S-1). Run as
+`python -m hpcdl.bench.pipeline --worker ...` it is a worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpcdl.bench.common import interleaved, median, mpiexec, provenance, run_worker, spread, table, write_json
+from hpcdl.models import MLP
+
+ENGINES = ("hpcdl-gpipe", "hpcdl-1f1b", "torch-gpipe", "torch-1f1b", "single")
+
+
+def _model(opts: argparse.Namespace) -> MLP:
+    torch.manual_seed(0)
+    return MLP(opts.width, [opts.width] * (opts.layers - 1), opts.width)
+
+
+def _data(opts: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(opts.batch, opts.width, generator=g), torch.randint(0, opts.width, (opts.batch,), generator=g)
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(step, opts: argparse.Namespace) -> float:
+    """Seconds for `opts.steps` steps after `opts.warmup` untimed ones."""
+    for _ in range(opts.warmup):
+        step()
+    began = time.perf_counter()
+    for _ in range(opts.steps):
+        step()
+    return time.perf_counter() - began
+
+
+def _hpcdl_worker(opts: argparse.Namespace) -> dict[str, Any] | None:
+    """hpcdl's Pipeline: one stage per MPI rank; the whole batch is one replica's."""
+    from hpcdl import comm
+    from hpcdl.data.loader import Batch
+    from hpcdl.metrics import PhaseTimer
+    from hpcdl.parallel.pipeline import Pipeline
+
+    world = comm.init(threads=opts.threads)
+    pipe = Pipeline(_model(opts), world.size, opts.micro, opts.engine.split("-")[1], world)
+    optimizer = torch.optim.SGD(pipe.params, lr=0.01)
+    x, y = _data(opts)
+    batch, timer = Batch(x, y, opts.batch), PhaseTimer()
+    in_steps = [0.0]
+
+    def step() -> None:
+        began = time.perf_counter()
+        pipe.train_step(batch, timer)
+        in_steps[0] += time.perf_counter() - began
+        optimizer.step()
+        pipe.zero_grad()
+
+    for _ in range(opts.warmup):
+        step()
+    timer.reset()
+    in_steps[0] = 0.0
+    opts.warmup = 0
+    elapsed = _timed(step, opts)
+    busy = timer.totals["forward"] + timer.totals["backward"]
+    mine = [elapsed, 1 - busy / in_steps[0], _peak_rss_mib(), pipe.peak_alive]
+    stages = world.comm.gather(mine, root=0)
+    if world.rank:
+        return None
+    slowest = max(s[0] for s in stages)
+    return {
+        "samples_per_s": opts.batch * opts.steps / slowest,
+        "bubble": float(np.mean([s[1] for s in stages])),
+        "peak_rss_mib": [round(s[2], 1) for s in stages],
+        "peak_alive": [s[3] for s in stages],
+    }
+
+
+def _torch_worker(opts: argparse.Namespace) -> dict[str, Any] | None:
+    """torch.distributed.pipelining with manually built stages (the same cut), gloo, launched by torchrun."""
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from hpcdl.comm import World
+    from hpcdl.parallel.pipeline import stage_starts
+
+    torch.set_num_threads(opts.threads)
+    dist.init_process_group("gloo")
+    rank, size = dist.get_rank(), dist.get_world_size()
+    layers = list(_model(opts))
+    bounds = [*stage_starts(layers, size, "params", None, World(None, 0, 1, 0, 1, 0, 1)), len(layers)]
+    module = nn.Sequential(*layers[bounds[rank] : bounds[rank + 1]])
+    x, y = _data(opts)
+    example = torch.empty(opts.batch // opts.micro, opts.width)
+    stage = PipelineStage(module, rank, size, torch.device("cpu"), input_args=(example,))
+    kind = ScheduleGPipe if opts.engine == "torch-gpipe" else Schedule1F1B
+    schedule = kind(stage, n_microbatches=opts.micro, loss_fn=lambda out, target: F.cross_entropy(out, target))
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.01)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        if rank == 0:
+            schedule.step(x)
+        elif rank == size - 1:
+            schedule.step(target=y)
+        else:
+            schedule.step()
+        optimizer.step()
+
+    elapsed = _timed(step, opts)
+    stages = [None] * size
+    dist.all_gather_object(stages, [elapsed, _peak_rss_mib()])
+    dist.destroy_process_group()
+    if rank:
+        return None
+    return {
+        "samples_per_s": opts.batch * opts.steps / max(s[0] for s in stages),
+        "peak_rss_mib": [round(s[1], 1) for s in stages],
+    }
+
+
+def _single_worker(opts: argparse.Namespace) -> dict[str, Any]:
+    """The unsplit model in one process, one step on the whole batch."""
+    torch.set_num_threads(opts.threads)
+    model = _model(opts)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = _data(opts)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    elapsed = _timed(step, opts)
+    return {"samples_per_s": opts.batch * opts.steps / elapsed, "peak_rss_mib": [round(_peak_rss_mib(), 1)]}
+
+
+def _worker(opts: argparse.Namespace) -> None:
+    run = {"hpcdl": _hpcdl_worker, "torch": _torch_worker, "single": _single_worker}[opts.engine.split("-")[0]]
+    result = run(opts)
+    if result is not None:
+        print(json.dumps(result), flush=True)
+
+
+def _command(engine: str, opts: argparse.Namespace) -> list[str]:
+    worker = [
+        "-m", "hpcdl.bench.pipeline", "--worker", "--engine", engine, "--threads", str(opts.threads),
+        "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--layers", str(opts.layers),
+        "--width", str(opts.width), "--batch", str(opts.batch), "--micro", str(opts.micro),
+    ]  # fmt: skip
+    if engine == "single":
+        return [sys.executable, *worker]
+    if engine.startswith("torch"):
+        # Launched as torch's users launch it: torchrun, one process per stage.
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={opts.stages}",
+            *worker,
+        ]
+    return [*mpiexec(), "-n", str(opts.stages), sys.executable, *worker]
+
+
+def run(opts: argparse.Namespace) -> dict[str, Any]:
+    """Benchmark every engine; print a table and the bubble, return (and write) the flat figures."""
+    if opts.batch % opts.micro or opts.stages > opts.layers:
+        raise SystemExit("bench pipeline: --micro must divide --batch, and --stages be at most --layers")
+    print(
+        f"bench pipeline: {opts.layers} x Linear({opts.width}, {opts.width}), batch {opts.batch}, "
+        f"{opts.micro} micro-batches, {opts.stages} stages x {opts.threads} thread(s)"
+    )
+    variants = {e: (lambda e=e: run_worker(_command(e, opts))) for e in ENGINES}
+    results = interleaved(variants, opts.repeats)
+    key = {e: e.replace("-", "_") for e in ENGINES}
+    rate = {e: median([r["samples_per_s"] for r in results[e]]) for e in ENGINES}
+    theory = (opts.stages - 1) / (opts.micro + opts.stages - 1)
+    flat: dict[str, Any] = provenance(opts.stages, opts.threads)
+    flat.update(
+        layers=opts.layers, width=opts.width, global_batch=opts.batch, micro_batches=opts.micro, stages=opts.stages,
+        steps=opts.steps, warmup=opts.warmup, repeats=opts.repeats,
+    )  # fmt: skip
+    for e in ENGINES:
+        flat[f"{key[e]}_samples_per_s"] = round(rate[e], 1)
+        flat[f"{key[e]}_spread"] = round(spread([r["samples_per_s"] for r in results[e]]), 3)
+        flat[f"{key[e]}_peak_rss_mib_max"] = max(results[e][-1]["peak_rss_mib"])
+    limit = opts.stages * rate["single"] * (1 - theory)
+    flat.update(
+        ratio_vs_torch_gpipe=round(rate["hpcdl-gpipe"] / rate["torch-gpipe"], 3),
+        ratio_vs_torch_1f1b=round(rate["hpcdl-1f1b"] / rate["torch-1f1b"], 3),
+        bubble_theory=round(theory, 4),
+        bubble_measured=round(median([r["bubble"] for r in results["hpcdl-gpipe"]]), 4),
+        bubble_measured_1f1b=round(median([r["bubble"] for r in results["hpcdl-1f1b"]]), 4),
+        limit_samples_per_s=round(limit, 1),
+        ratio_vs_limit_1f1b=round(rate["hpcdl-1f1b"] / limit, 3),
+        hpcdl_gpipe_peak_alive_first_stage=results["hpcdl-gpipe"][-1]["peak_alive"][0],
+        hpcdl_1f1b_peak_alive_first_stage=results["hpcdl-1f1b"][-1]["peak_alive"][0],
+    )
+    rows = []
+    for e in ENGINES:
+        peer = rate["torch-1f1b" if e.endswith("1f1b") else "torch-gpipe"]
+        memory = " / ".join(f"{m:,.0f}" for m in results[e][-1]["peak_rss_mib"])
+        bubble = f"{100 * median([r['bubble'] for r in results[e]]):.1f}%" if e.startswith("hpcdl") else "-"
+        rows.append(
+            [e, f"{rate[e]:,.0f}", f"±{100 * flat[f'{key[e]}_spread']:.0f}%", f"{rate[e] / peer:.2f}", memory, bubble]
+        )
+    print()
+    print(
+        table(
+            ["engine", "samples/s (median)", "spread", "vs torch (same schedule)", "peak RSS MiB per stage", "bubble"],
+            rows,
+        )
+    )
+    print(
+        f"bubble: measured {100 * flat['bubble_measured']:.1f}% (GPipe), {100 * flat['bubble_measured_1f1b']:.1f}% "
+        f"(1F1B), theory (S-1)/(m+S-1) = {100 * theory:.1f}%; limit S x single x (1 - bubble) = {limit:,.0f} "
+        f"samples/s, 1F1B at {flat['ratio_vs_limit_1f1b']:.2f} of it; activations held on the first stage: "
+        f"GPipe {flat['hpcdl_gpipe_peak_alive_first_stage']}, 1F1B {flat['hpcdl_1f1b_peak_alive_first_stage']}"
+    )
+    note = " (OVERSUBSCRIBED: not a speed figure)" if flat["oversubscribed"] else ""
+    print(f"commit {flat['commit']}, torch {flat['torch']}, {flat['mpi']}, {flat['cores']} cores{note}")
+    write_json(opts.json, flat)
+    return flat
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the orchestrator and its workers."""
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per stage (and for the single process)")
+    parser.add_argument("--layers", type=int, default=8, help="Linear(width, width) layers")
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=256, help="global batch")
+    parser.add_argument("--micro", type=int, default=8, help="micro-batches per batch")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="write the figures here as one flat JSON object")
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser()
+    add_arguments(cli)
+    cli.add_argument("--worker", action="store_true")
+    cli.add_argument("--engine", choices=ENGINES)
+    _worker(cli.parse_args())

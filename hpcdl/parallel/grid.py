@@ -1,0 +1,74 @@
+"""The world as a grid of named axes (e.g. replica x stage), split into one sub-World per axis.
+
+Ranks are laid out row-major over the axes, outermost first, as picotron does with
+`arange(world).view(dp, pp, tp)`: with axes (replica=R, stage=S), world rank
+r * S + s is stage s of replica r, so one replica's stages are neighbouring ranks.
+"""
+
+from __future__ import annotations
+
+import math
+
+from hpcdl.comm import World
+from hpcdl.errors import ConfigError
+
+
+def check_grid(axes: dict[str, int], world_size: int) -> None:
+    """A ConfigError when the axes' sizes do not multiply to the world's size."""
+    if math.prod(axes.values()) != world_size:
+        shape = " x ".join(f"{n} {name}" for name, n in axes.items())
+        raise ConfigError(f"a grid of {shape} needs {math.prod(axes.values())} ranks, but the world has {world_size}")
+
+
+class Grid:
+    """This rank's coordinates on the grid, a sub-World per axis, and its pipeline neighbours."""
+
+    def __init__(self, world: World, axes: dict[str, int]):
+        world.agree(lambda: check_grid(axes, world.size))
+        self.world, self.axes = world, dict(axes)
+        self.coords: dict[str, int] = {}
+        rest = world.rank
+        for name, size in reversed(axes.items()):
+            rest, self.coords[name] = divmod(rest, size)
+        self.coords = {name: self.coords[name] for name in axes}
+        # A sub-World per axis: the ranks that differ only in that coordinate (a collective: every rank splits).
+        self.groups = {name: world.split(self._color_without(name), self.coords[name]) for name in axes}
+
+    def _color_without(self, axis: str) -> int:
+        """A number shared by exactly the ranks whose other coordinates equal this rank's."""
+        color = 0
+        for name, size in self.axes.items():
+            color = color * size + (0 if name == axis else self.coords[name])
+        return color
+
+    def group(self, axis: str) -> World:
+        """The sub-World along `axis`: its rank equals this rank's coordinate on that axis."""
+        return self.groups[axis]
+
+    def size(self, axis: str) -> int:
+        """How many ranks lie along `axis` (1 for an axis the grid does not have)."""
+        return self.axes.get(axis, 1)
+
+    def coord(self, axis: str) -> int:
+        """This rank's coordinate on `axis` (0 for an axis the grid does not have)."""
+        return self.coords.get(axis, 0)
+
+    @property
+    def is_first_stage(self) -> bool:
+        """True on the pipeline's first stage (it reads features)."""
+        return self.coord("stage") == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        """True on the pipeline's last stage (it computes the loss)."""
+        return self.coord("stage") == self.size("stage") - 1
+
+    @property
+    def prev_stage_rank(self) -> int | None:
+        """The previous stage's rank in the stage sub-World (None on the first stage)."""
+        return None if self.is_first_stage else self.coord("stage") - 1
+
+    @property
+    def next_stage_rank(self) -> int | None:
+        """The next stage's rank in the stage sub-World (None on the last stage)."""
+        return None if self.is_last_stage else self.coord("stage") + 1

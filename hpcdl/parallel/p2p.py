@@ -1,0 +1,99 @@
+"""Pipeline point-to-point traffic: non-blocking Isend/Irecv into receive buffers allocated once.
+
+Between two neighbouring stages, activations go forward (tag ACTIVATION) and their
+gradients go backward (tag GRADIENT), one message per micro-batch, always in
+micro-batch order, so MPI's in-order matching pairs them without sending ids. The
+shape and dtype of one sample's activation are agreed once, on the first step; after
+that a message carries only the tensor's bytes, and its row count is known on both
+sides because every stage of a replica reads the same batch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from hpcdl.comm import as_buffer, mpi
+
+ACTIVATION, GRADIENT = 0, 1
+
+
+def send_meta(comm, peer: int, sample: torch.Tensor) -> None:
+    """Tell the next stage, once, the shape and dtype of one sample of our output."""
+    comm.send((tuple(sample.shape[1:]), str(sample.dtype).removeprefix("torch.")), dest=peer, tag=ACTIVATION)
+
+
+def recv_meta(comm, peer: int) -> tuple[tuple[int, ...], torch.dtype]:
+    """The shape and dtype of one sample of the previous stage's output (the first step only)."""
+    shape, dtype = comm.recv(source=peer, tag=ACTIVATION)
+    return tuple(shape), getattr(torch, dtype)
+
+
+class RecvQueue:
+    """Receives from one peer in order into `slots` preallocated buffers; a slot is reused once released."""
+
+    def __init__(self, comm, peer: int, tag: int, slots: int, sample_shape: tuple[int, ...], dtype: torch.dtype):
+        self.comm, self.peer, self.tag = comm, peer, tag
+        self.sample_shape, self.dtype = sample_shape, dtype
+        self.buffers = [torch.empty(0, *sample_shape, dtype=dtype) for _ in range(slots)]
+        self.free = deque(range(slots))
+        self.sizes: deque[int] = deque()  # rows of each message still to post, in arrival order
+        self.posted: deque[tuple[int, int, object]] = deque()  # (slot, rows, request)
+
+    def expect(self, sizes: list[int]) -> None:
+        """Messages of these row counts will arrive next, in this order; post what fits now."""
+        self.sizes.extend(sizes)
+        self.post()
+
+    def post(self) -> None:
+        """Start an Irecv for each expected message that has a free slot."""
+        while self.sizes and self.free:
+            slot, rows = self.free.popleft(), self.sizes.popleft()
+            if self.buffers[slot].shape[0] < rows:  # grows only when a larger micro-batch appears
+                self.buffers[slot] = torch.empty(rows, *self.sample_shape, dtype=self.dtype)
+            view = self.buffers[slot][:rows]
+            request = self.comm.Irecv(as_buffer(view), source=self.peer, tag=self.tag)
+            self.posted.append((slot, rows, request))
+
+    def take(self) -> tuple[int, torch.Tensor]:
+        """Wait for the oldest message; (its slot, the received rows). Release the slot when done."""
+        if not self.posted:
+            self.post()
+        slot, rows, request = self.posted.popleft()
+        request.Wait()
+        return slot, self.buffers[slot][:rows]
+
+    def release(self, slot: int) -> None:
+        """The tensor in `slot` is no longer needed: receive the next message into it."""
+        self.free.append(slot)
+        self.post()
+
+    @property
+    def capacity(self) -> int:
+        """How many buffers this queue owns."""
+        return len(self.buffers)
+
+
+class SendQueue:
+    """Non-blocking sends to one peer; each tensor is kept alive until its send completes."""
+
+    def __init__(self, comm, peer: int, tag: int):
+        self.comm, self.peer, self.tag = comm, peer, tag
+        self.pending: list[tuple[torch.Tensor, object]] = []
+
+    def send(self, tensor: torch.Tensor) -> None:
+        """Start sending `tensor` (contiguous) without waiting."""
+        tensor = tensor.detach().contiguous()
+        self.pending.append((tensor, self.comm.Isend(as_buffer(tensor), dest=self.peer, tag=self.tag)))
+
+    def progress(self) -> None:
+        """Let MPI move pending sends forward, and forget the ones that completed."""
+        if self.pending and mpi().Request.Testall([r for _, r in self.pending]):
+            self.pending.clear()
+
+    def wait(self) -> None:
+        """Wait for every pending send."""
+        if self.pending:
+            mpi().Request.Waitall([r for _, r in self.pending])
+            self.pending.clear()

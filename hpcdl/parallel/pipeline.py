@@ -1,0 +1,418 @@
+"""Pipeline parallel: an nn.Sequential cut into stages over ranks, GPipe and 1F1B schedules.
+
+A global batch is read whole by every stage of a replica (the first stage needs the
+features, the last the labels, all of them the sizes), cut into micro-batches; the
+activations go forward and their gradients backward through `p2p` queues. The last
+stage computes `share_of_loss` per micro-batch (sum / global count), so gradients
+accumulated over micro-batches and summed over replicas are the global batch's mean
+gradient, exactly as one process computes it. With replicas > 1, each stage's
+gradients are summed over its replicas by the data-parallel engine, started during
+the last micro-batch's backward.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch import nn
+
+from hpcdl.comm import World
+from hpcdl.data.loader import Batch
+from hpcdl.errors import ConfigError
+from hpcdl.metrics import PhaseTimer
+from hpcdl.parallel.common import share_of_loss, zero_contribution
+from hpcdl.parallel.data import DataParallel
+from hpcdl.parallel.grid import Grid
+from hpcdl.parallel.p2p import ACTIVATION, GRADIENT, RecvQueue, SendQueue, recv_meta, send_meta
+
+SCHEDULES = ("gpipe", "1f1b")
+
+
+# ---- cutting the model into stages -------------------------------------------------------------
+
+
+def layers_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The (name, layer) list of a Sequential model, or a clear error for any other model."""
+    if not isinstance(model, nn.Sequential):
+        raise ConfigError(
+            f"parallel.mode = 'pipeline' needs an nn.Sequential model (mlp, cnn, or a factory returning "
+            f"nn.Sequential); {type(model).__name__} is not one: use parallel.mode = 'data'"
+        )
+    return list(model.named_children())
+
+
+def _has_params(layer: nn.Module) -> bool:
+    return any(True for _ in layer.parameters())
+
+
+def units(layers: list[nn.Module]) -> list[int]:
+    """Where a stage may begin: at each layer with parameters but the first (so a ReLU stays with its Linear)."""
+    return [0, *[i for i, layer in enumerate(layers) if _has_params(layer)][1:]]
+
+
+def balanced_starts(weights: list[float], candidates: list[int], stages: int) -> list[int]:
+    """Stage start indices (from `candidates`) that minimise the heaviest stage's total weight."""
+    n = len(weights)
+    bounds = [*candidates, n]
+    unit_weight = [sum(weights[a:b]) for a, b in zip(bounds, bounds[1:])]
+    k = len(unit_weight)
+    prefix = np.concatenate(([0.0], np.cumsum(unit_weight)))
+    # best[s][j]: the lightest possible heaviest stage when the first j units form s stages.
+    best = np.full((stages + 1, k + 1), np.inf)
+    choice = np.zeros((stages + 1, k + 1), dtype=int)
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        for j in range(s, k + 1):
+            for i in range(s - 1, j):
+                cost = max(best[s - 1][i], prefix[j] - prefix[i])
+                if cost < best[s][j]:
+                    best[s][j], choice[s][j] = cost, i
+    starts, j = [], k
+    for s in range(stages, 0, -1):
+        j = choice[s][j]
+        starts.append(candidates[j])
+    return starts[::-1]
+
+
+def layer_times(layers: list[nn.Module], sample: torch.Tensor, repeats: int = 5) -> list[float]:
+    """Median seconds of forward plus backward of each layer on `sample` (one micro-batch)."""
+    times = np.zeros((repeats, len(layers)))
+    for r in range(repeats + 1):
+        x = sample
+        for i, layer in enumerate(layers):
+            x = x.detach().requires_grad_(x.is_floating_point())
+            began = time.perf_counter()
+            out = layer(x)
+            out.backward(torch.ones_like(out))
+            if r:  # the first round warms up
+                times[r - 1, i] = time.perf_counter() - began
+            x = out
+        for layer in layers:
+            layer.zero_grad(set_to_none=True)
+    return list(np.median(times, axis=0))
+
+
+def check_layout(layers: list[nn.Module], stages: int, cuts: list[int] | None) -> None:
+    """A ConfigError saying what would work when the layers cannot make `stages` stages at `cuts`."""
+    n, weighted = len(layers), sum(map(_has_params, layers))
+    if stages > weighted:
+        raise ConfigError(
+            f"parallel.stages = {stages} but the model has only {weighted} layers with parameters "
+            f"(of {n}); use at most {weighted} stages"
+        )
+    if cuts and (len(cuts) != stages - 1 or sorted(set(cuts)) != list(cuts) or cuts[0] < 1 or cuts[-1] >= n):
+        raise ConfigError(
+            f"parallel.cuts = {list(cuts)} must be {stages - 1} increasing layer indices in 1..{n - 1} "
+            f"(where stages 2..{stages} begin); the model's layers: "
+            + ", ".join(f"{i} {type(layer).__name__}" for i, layer in enumerate(layers))
+        )
+    bounds = [0, *(cuts or []), n]
+    for stage, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        if cuts and not any(map(_has_params, layers[a:b])):
+            raise ConfigError(
+                f"parallel.cuts = {list(cuts)} leave stage {stage + 1} (layers {a}..{b - 1}) without parameters"
+            )
+
+
+def stage_starts(
+    layers: list[nn.Module], stages: int, balance: str, cuts: list[int] | None, world: World, sample=None
+) -> list[int]:
+    """Where each stage begins: the named cut points, or balanced by parameters or measured time."""
+    check_layout(layers, stages, cuts)
+    if cuts:
+        return [0, *cuts]
+    candidates = units(layers)  # at least `stages` of them, as check_layout made sure
+    if balance == "time":
+        if sample is None:
+            raise ConfigError("parallel.balance = 'time' needs a sample batch to time the layers on")
+        # Timed on rank 0 only, then shared: every rank must cut at the same places.
+        weights = world.comm.bcast(layer_times(layers, sample) if world.rank == 0 else None, root=0)
+    else:
+        weights = [float(sum(p.numel() for p in layer.parameters())) for layer in layers]
+    return balanced_starts(weights, candidates, stages)
+
+
+# ---- schedules ---------------------------------------------------------------------------------
+
+
+def schedule(kind: str, stage: int, stages: int, micro: int) -> list[tuple[str, int]]:
+    """This stage's actions in order: ("F", i) forward or ("B", i) backward of micro-batch i."""
+    if kind == "gpipe":
+        return [("F", i) for i in range(micro)] + [("B", i) for i in range(micro)]
+    # 1F1B (PipeDream-Flush): fill the pipe, then alternate, then drain.
+    warmup = min(stages - stage - 1, micro)
+    actions = [("F", i) for i in range(warmup)]
+    for i in range(micro - warmup):
+        actions += [("F", warmup + i), ("B", i)]
+    return actions + [("B", i) for i in range(micro - warmup, micro)]
+
+
+def peak_alive(actions: list[tuple[str, int]]) -> int:
+    """Most micro-batches whose activations are held at once under `actions`."""
+    alive = peak = 0
+    for kind, _ in actions:
+        alive += 1 if kind == "F" else -1
+        peak = max(peak, alive)
+    return peak
+
+
+def micro_sizes(rows: int, micro: int) -> list[int]:
+    """Rows of each micro-batch (np.array_split's sizes); fewer micro-batches when rows < micro."""
+    parts = min(micro, rows)
+    return [rows // parts + (1 if i < rows % parts else 0) for i in range(parts)] if parts else []
+
+
+# ---- the strategy ------------------------------------------------------------------------------
+
+
+class Pipeline:
+    """This rank's stage of a Sequential model cut over `stages` ranks, times `replicas` copies.
+
+    World rank r is stage r % stages of replica r // stages. The strategy protocol of
+    `hpcdl.parallel` (train_step, evaluate_batch, model_state, ...) drives it.
+    """
+
+    def __init__(
+        self,
+        sequential: nn.Sequential,
+        stages: int,
+        micro_batches: int,
+        schedule: str = "1f1b",
+        world: World | None = None,
+        replicas: int = 1,
+        *,
+        balance: str = "params",
+        cuts: list[int] | None = None,
+        sample: torch.Tensor | None = None,
+        bucket_mb: float = 25.0,
+        overlap: bool = True,
+        compression: str = "none",
+    ):
+        if world is None:
+            from hpcdl import comm
+
+            world = comm.init()
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"parallel.schedule = {schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if micro_batches < 1:
+            raise ConfigError(f"parallel.micro_batches = {micro_batches} must be >= 1")
+        # Checked on every rank before the first collective: all fail together, with the fix.
+        named = world.agree(lambda: layers_of(sequential))
+        world.agree(lambda: check_layout([m for _, m in named], stages, cuts))
+        starts = stage_starts([m for _, m in named], stages, balance, cuts, world, sample)
+        self.grid = Grid(world, {"replica": replicas, "stage": stages})
+        self.world, self.pipe = world, self.grid.group("stage")
+        self.stage_index, self.stages, self.micro, self.kind = self.grid.coord("stage"), stages, micro_batches, schedule
+        bounds = [*starts, len(named)]
+        self.layer_range = (bounds[self.stage_index], bounds[self.stage_index + 1])
+        # Keeping the original names makes the stage's state_dict keys those of the unsplit model.
+        self.stage = nn.Sequential(OrderedDict(named[self.layer_range[0] : self.layer_range[1]]))
+        index = {id(p): i for i, p in enumerate(sequential.parameters())}
+        self.params = [p for p in self.stage.parameters() if p.requires_grad]
+        self.global_ids = [index[id(p)] for p in self.params]
+        self.dp = None
+        if replicas > 1:
+            self.dp = DataParallel(self.stage, self.grid.group("replica"), bucket_mb, overlap, compression)
+        self.recv_act = self.recv_grad = self.send_act = self.send_grad = None
+        self.peak_alive = 0  # micro-batches' activations held at once (for tests and benchmarks)
+
+    # -- the protocol's data members
+
+    @property
+    def data_rank(self) -> int:
+        """This replica's share of each global batch (all stages of a replica read the same)."""
+        return self.grid.coord("replica")
+
+    @property
+    def data_size(self) -> int:
+        """How many replicas split each global batch."""
+        return self.grid.size("replica")
+
+    @property
+    def is_first(self) -> bool:
+        return self.grid.is_first_stage
+
+    @property
+    def is_last(self) -> bool:
+        return self.grid.is_last_stage
+
+    # -- point-to-point links, connected on the first batch
+
+    def _connect(self, batch: Batch) -> None:
+        """Agree once on each boundary's sample shape and dtype; allocate the receive buffers."""
+        if self.send_act is not None or self.recv_act is not None or self.stages == 1:
+            return
+        comm, grid = self.pipe.comm, self.grid
+        shape, dtype = tuple(batch.x.shape[1:]), batch.x.dtype
+        if not self.is_first:
+            shape, dtype = recv_meta(comm, grid.prev_stage_rank)
+            slots = peak_alive(schedule(self.kind, self.stage_index, self.stages, self.micro)) + 1
+            self.recv_act = RecvQueue(comm, grid.prev_stage_rank, ACTIVATION, slots, shape, dtype)
+            self.send_grad = SendQueue(comm, grid.prev_stage_rank, GRADIENT)
+        if not self.is_last:
+            with torch.no_grad():
+                probe = self.stage(torch.zeros(1, *shape, dtype=dtype))
+            send_meta(comm, grid.next_stage_rank, probe)
+            self.send_act = SendQueue(comm, grid.next_stage_rank, ACTIVATION)
+            self.recv_grad = RecvQueue(comm, grid.next_stage_rank, GRADIENT, 2, tuple(probe.shape[1:]), probe.dtype)
+
+    # -- one step
+
+    def train_step(
+        self, batch: Batch, timer: PhaseTimer, sync: bool = True, scale: float = 1.0
+    ) -> tuple[float, int, int]:
+        """GPipe or 1F1B over this batch's micro-batches; gradients accumulate; replicas summed if `sync`."""
+        self.stage.train()
+        sizes = micro_sizes(len(batch.y), self.micro)
+        if not sizes:  # this replica's share is empty: join the gradient sum with zeros
+            if self.dp is not None and sync:
+                zero_contribution(self.stage).backward()
+                self.dp.finish_sync(timer)
+            return 0.0, 0, 0
+        self._connect(batch)
+        xs, ys = torch.split(batch.x, sizes), torch.split(batch.y, sizes)
+        for queue in (self.recv_act, self.recv_grad):
+            if queue is not None:
+                queue.expect(sizes)
+        actions = schedule(self.kind, self.stage_index, self.stages, len(sizes))
+        last_backward = len(actions) - 1
+        saved: dict[int, tuple[int | None, torch.Tensor, torch.Tensor]] = {}
+        stats = np.zeros(3)
+        for step, (kind, i) in enumerate(actions):
+            if kind == "F":
+                saved[i] = self._forward(i, xs, ys, batch.global_count, scale, timer, stats)
+                self.peak_alive = max(self.peak_alive, len(saved))
+            else:
+                communicate = sync and step == last_backward and self.dp is not None
+                self._backward(*saved.pop(i), timer, communicate)
+        with timer.phase("send"):
+            for queue in (self.send_act, self.send_grad):
+                if queue is not None:
+                    queue.wait()
+        if self.dp is not None and sync:
+            self.dp.finish_sync(timer)
+        return float(stats[0]), int(stats[1]), int(stats[2])
+
+    def _forward(self, i, xs, ys, global_count, scale, timer, stats):
+        """Forward of micro-batch i: receive (or read) its input, run the stage, send or take the loss."""
+        slot = None
+        if self.is_first:
+            x = xs[i]
+        else:
+            with timer.phase("recv"):
+                slot, received = self.recv_act.take()
+            x = received.detach().requires_grad_()
+        with timer.phase("forward"):
+            out = self.stage(x)
+            if self.is_last:
+                loss = share_of_loss(out, Batch(xs[i], ys[i], global_count))
+                stats += (loss.item() * global_count, int((out.detach().argmax(1) == ys[i]).sum()), len(ys[i]))
+                out = loss * scale if scale != 1.0 else loss
+        if not self.is_last:
+            with timer.phase("send"):
+                self.send_act.send(out)
+        return slot, x, out
+
+    def _backward(self, slot, x, out, timer, communicate: bool) -> None:
+        """Backward of one micro-batch: receive the output's gradient, backprop, send the input's."""
+        grad, grad_slot = None, None
+        if not self.is_last:
+            with timer.phase("recv"):
+                grad_slot, grad = self.recv_grad.take()
+        # Only the last backward of a step starts the replicas' gradient sum.
+        quiet = self.dp.no_sync() if self.dp is not None and not communicate else nullcontext()
+        with quiet, timer.phase("backward"):
+            torch.autograd.backward(out, grad)
+        if grad_slot is not None:
+            self.recv_grad.release(grad_slot)
+        if not self.is_first:
+            with timer.phase("send"):
+                self.send_grad.send(x.grad)
+            self.recv_act.release(slot)
+
+    @torch.no_grad()
+    def evaluate_batch(self, batch: Batch) -> tuple[float, int, int]:
+        """(summed loss, correct, samples) on the last stage; zeros elsewhere (the loop sums over ranks)."""
+        self.stage.eval()
+        sizes = micro_sizes(len(batch.y), self.micro)
+        if not sizes:
+            return 0.0, 0, 0
+        self._connect(batch)
+        if self.recv_act is not None:
+            self.recv_act.expect(sizes)
+        stats = np.zeros(3)
+        for x, y in zip(torch.split(batch.x, sizes), torch.split(batch.y, sizes)):
+            slot = None
+            if not self.is_first:
+                slot, x = self.recv_act.take()
+            out = self.stage(x)
+            if slot is not None:
+                if out.data_ptr() == x.data_ptr():  # a view of the receive buffer must not be sent from it
+                    out = out.clone()
+                self.recv_act.release(slot)
+            if self.is_last:
+                loss = torch.nn.functional.cross_entropy(out, y, reduction="sum").item()
+                stats += (loss, int((out.argmax(1) == y).sum()), len(y))
+            else:
+                self.send_act.send(out)
+        if self.send_act is not None:
+            self.send_act.wait()
+        return float(stats[0]), int(stats[1]), int(stats[2])
+
+    def zero_grad(self) -> None:
+        """Zero this stage's gradients in place."""
+        if self.dp is not None:
+            self.dp.zero_grad()
+            return
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.zero_()
+
+    def sync_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Replicas of a stage start from replica 0's optimizer state."""
+        if self.dp is not None:
+            self.dp.sync_optimizer(optimizer)
+
+    # -- checkpoints: each stage contributes its part; rank 0 holds the unsplit whole
+
+    def _gather_to_root(self, part):
+        """Every stage's `part`, in stage order, on world rank 0 (replica 0's first stage); else None."""
+        if self.grid.coord("replica") != 0:
+            return None
+        parts = self.pipe.comm.gather(part, root=0)
+        return parts if self.pipe.rank == 0 else None
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The unsplit model's state on rank 0 (same keys as the Sequential); this stage's part elsewhere."""
+        own = self.stage.state_dict()
+        parts = self._gather_to_root(own)
+        if parts is None:
+            return own
+        return {key: value for part in parts for key, value in part.items()}
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer's state keyed by the unsplit model's parameter indices (as data parallel saves it)."""
+        own = optimizer.state_dict()
+        glob = {
+            "state": {self.global_ids[i]: v for i, v in own["state"].items()},
+            "param_groups": [{**g, "params": [self.global_ids[i] for i in g["params"]]} for g in own["param_groups"]],
+        }
+        parts = self._gather_to_root(glob)
+        if parts is None:
+            return glob
+        groups = [dict(g) for g in parts[0]["param_groups"]]
+        for j, group in enumerate(groups):
+            group["params"] = sorted(i for part in parts for i in part["param_groups"][j]["params"])
+        return {"state": {k: v for part in parts for k, v in part["state"].items()}, "param_groups": groups}
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Take this stage's entries of a whole-model optimizer state (saved in any mode)."""
+        local = {g: i for i, g in enumerate(self.global_ids)}
+        groups = [{**g, "params": [local[i] for i in g["params"] if i in local]} for g in state["param_groups"]]
+        optimizer.load_state_dict(
+            {"state": {local[k]: v for k, v in state["state"].items() if k in local}, "param_groups": groups}
+        )

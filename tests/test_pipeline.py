@@ -1,0 +1,154 @@
+"""Pipeline parallel equals the unsplit model: gradients, activations held, training, checkpoints, errors."""
+
+import json
+
+import h5py
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hpcdl import checkpoint, config
+from hpcdl.comm import World
+from hpcdl.config import ModelConfig
+from hpcdl.errors import ConfigError
+from hpcdl.models import MLP, build
+from hpcdl.parallel import batch_ranks
+from hpcdl.parallel.pipeline import balanced_starts, layer_times, peak_alive, schedule, stage_starts, units
+
+from conftest import REPO, hpcdl_train, read_summary, run_mpi
+from reference import assert_close_states, reference_train
+
+MODEL = ModelConfig(name="mlp", hidden=[16, 12, 8])
+STEPS, BATCH, LR = 12, 48, 0.05
+
+
+def test_schedules_hold_the_promised_activations():
+    for stages, micro in ((2, 8), (4, 8), (4, 3)):
+        for stage in range(stages):
+            one_f_one_b = schedule("1f1b", stage, stages, micro)
+            gpipe = schedule("gpipe", stage, stages, micro)
+            for actions in (one_f_one_b, gpipe):
+                assert sorted(actions) == sorted([("F", i) for i in range(micro)] + [("B", i) for i in range(micro)])
+                assert all(actions.index(("F", i)) < actions.index(("B", i)) for i in range(micro))
+            assert peak_alive(one_f_one_b) == min(stages - stage, micro)
+            assert peak_alive(gpipe) == micro
+
+
+def test_cuts_balance_parameters_and_name_the_fix():
+    world = World(None, 0, 1, 0, 1, 0, 1)
+    layers = list(MLP(1024, [1024] * 7, 1024))  # Flatten + 8 equal Linear layers with ReLUs between
+    assert stage_starts(layers, 2, "params", None, world) == [0, 9]  # four Linear layers on each stage
+    assert stage_starts(layers, 4, "params", None, world) == [0, 5, 9, 13]
+    assert stage_starts(layers, 2, "params", [5], world) == [0, 5]
+    assert balanced_starts([1, 1, 1, 9], [0, 1, 2, 3], 2) == [0, 3]
+    # Balanced by measured time: the wide layers are the slow ones, so they get a stage of their own.
+    timed = [torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 512), torch.nn.Linear(512, 512)]
+    seconds = layer_times(timed, torch.randn(256, 64))
+    assert len(seconds) == 4 and seconds[3] > seconds[0] > 0
+    assert balanced_starts(seconds, units(timed), 2) == [0, 3]
+    with pytest.raises(ConfigError, match="only 8 layers with parameters .of 16.; use at most 8 stages"):
+        stage_starts(layers, 9, "params", None, world)
+    with pytest.raises(ConfigError, match=r"parallel.cuts = \[16\] must be 1 increasing layer indices in 1..15"):
+        stage_starts(layers, 2, "params", [16], world)
+
+
+def test_stages_match_unsplit_gradients_and_1f1b_holds_at_most_s_micro_batches():
+    result = run_mpi(4, str(REPO / "tests/scripts/pipeline_check.py"), timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    micro = 6
+    for stages in (2, 4):
+        assert report[f"S{stages}_gpipe"][0]["peak_alive"] == micro  # GPipe holds all m on the first stage
+        assert report[f"S{stages}_1f1b"][0]["peak_alive"] == stages  # 1F1B at most S
+    assert [r["peak_alive"] for r in report["S4_1f1b"]] == [4, 3, 2, 1]
+    assert [r["layers"] for r in report["S2xR2_1f1b"]] == [[0, 7], [7, 12], [0, 7], [7, 12]]
+
+
+def _train(ranks, datasets, run_dir, *sets, steps=STEPS, extra=()):
+    return hpcdl_train(
+        ranks,
+        "digits-mlp",
+        f"data.path='{datasets['synthetic']}'",
+        f"run.dir='{run_dir}'",
+        f"model.hidden={MODEL.hidden}",
+        f"train.batch_size={BATCH}",
+        f"train.max_steps={steps}",
+        "train.optimizer='sgd'",
+        f"train.lr={LR}",
+        "train.epochs=100",
+        "parallel.mode='pipeline'",
+        *sets,
+        extra=extra,
+        timeout=240,
+    )
+
+
+def _unsplit_validation(path, state) -> tuple[float, float]:
+    """Validation loss and accuracy of the checkpoint loaded into the unsplit model, in one process."""
+    with h5py.File(path, "r") as f:
+        x, y = torch.from_numpy(f["val/x"][:]), torch.from_numpy(f["val/y"][:])
+        classes = int(f.attrs["num_classes"])
+    model = build(MODEL, tuple(x.shape[1:]), classes, seed=0)
+    checkpoint.restore_model(model, state, "checkpoint")  # strict: the same keys as the unsplit model
+    with torch.no_grad():
+        logits = model(x)
+    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+def test_pipeline_training_matches_reference_and_checkpoint_reloads_unsplit(datasets, tmp_path):
+    expected = reference_train(datasets["synthetic"], MODEL, seed=0, batch=BATCH, steps=STEPS, lr=LR)
+    # 2 stages, GPipe, 4 micro-batches: 12 steps (the last global batch of the epoch is partial).
+    result = _train(2, datasets, tmp_path / "s2", "parallel.stages=2", "parallel.micro_batches=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = checkpoint.load(checkpoint.resolve("latest", tmp_path / "s2"))
+    assert_close_states(state["model"], expected)
+    summary = read_summary(tmp_path / "s2")
+    val_loss, val_acc = _unsplit_validation(datasets["synthetic"], state)
+    assert abs(summary["val_loss"] - val_loss) < 1e-5 and abs(summary["val_acc"] - val_acc) < 1e-6
+
+
+def test_hybrid_then_resume_with_four_stages_matches_reference(datasets, tmp_path):
+    expected = reference_train(datasets["synthetic"], MODEL, seed=0, batch=BATCH, steps=STEPS, lr=LR)
+    hybrid = ("parallel.stages=2", "parallel.replicas=2", "parallel.micro_batches=3", "parallel.schedule='1f1b'")
+    first = _train(4, datasets, tmp_path, *hybrid, steps=6)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # Resumed in another layout: the checkpoint (model and optimizer) is the unsplit model's.
+    four = ("parallel.stages=4", "parallel.micro_batches=4", "parallel.schedule='1f1b'")
+    second = _train(4, datasets, tmp_path, *four, extra=("--resume",))
+    assert second.returncode == 0, second.stderr[-3000:]
+    state = checkpoint.load(checkpoint.resolve("latest", tmp_path))
+    assert state["global_step"] == STEPS
+    assert_close_states(state["model"], expected)
+
+
+def test_layout_checks_say_what_would_work():
+    def cfg(*sets):
+        return config.load("digits-mlp", [f"train.batch_size={BATCH}", *sets])
+
+    assert batch_ranks(cfg("parallel.mode='pipeline'", "parallel.stages=2", "parallel.replicas=2"), 4) == 2
+    with pytest.raises(ConfigError, match="needs 2 ranks, but the job has 4; use --set parallel.replicas=2"):
+        batch_ranks(cfg("parallel.mode='pipeline'", "parallel.stages=2"), 4)
+    with pytest.raises(ConfigError, match="needs 3 ranks, but the job has 4; run on a multiple of 3"):
+        batch_ranks(cfg("parallel.mode='pipeline'", "parallel.stages=3"), 4)
+    with pytest.raises(ConfigError, match="split into 1 replica.s. x 5 micro-batches; use a multiple of 5 .e.g. 45."):
+        batch_ranks(cfg("parallel.mode='pipeline'", "parallel.stages=2", "parallel.micro_batches=5"), 2)
+    with pytest.raises(ConfigError, match="parallel.stages is only used with parallel.mode = 'pipeline'"):
+        batch_ranks(cfg("parallel.stages=2"), 2)
+    with pytest.raises(ConfigError, match="parallel.schedule = 'zigzag' is not one of gpipe, 1f1b"):
+        cfg("parallel.schedule='zigzag'")
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (("parallel.stages=4",), "parallel.stages = 4 x parallel.replicas = 1 needs 4 ranks, but the job has 2"),
+        (("parallel.stages=2", "model.name='rnn'", "data.path=SEQUENCES"), "needs an nn.Sequential model"),
+    ],
+)
+def test_bad_pipeline_layouts_end_every_rank_with_the_fix(datasets, tmp_path, sets, message):
+    sets = [s.replace("SEQUENCES", f"'{datasets['sequences']}'") for s in sets]
+    result = _train(2, datasets, tmp_path / "run", *sets, steps=2)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert result.stderr.count("hpcdl: error") == 1, result.stderr
+    assert not (tmp_path / "run").exists()
