@@ -40,10 +40,15 @@ format: $(STAMP)
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info datasets/*.h5
 
+# Every benchmark: peer and hpcdl side by side, figures in runs/bench-*.json (see README, Performance).
+BENCH = PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m hpcdl bench
 bench: $(STAMP)
 	mkdir -p runs
-	PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m hpcdl bench allreduce --json runs/bench-allreduce.json
-	PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m hpcdl bench dp --json runs/bench-dp.json
+	$(BENCH) allreduce --json runs/bench-allreduce.json
+	$(BENCH) dp --json runs/bench-dp.json
+	$(BENCH) pipeline --json runs/bench-pipeline.json
+	$(BENCH) io --json runs/bench-io.json
+	$(BENCH) comm --json runs/bench-comm.json
 
 # The README's scaling study: MLP and CNN at 1 and 2 ranks, then tables, plots and a projection in docs/scaling.
 SCALE_RUN = PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m hpcdl scale run --ranks 1,2 --repeats 3 --no-report
