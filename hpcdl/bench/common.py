@@ -25,17 +25,26 @@ def mpiexec() -> list[str]:
     return [found, "--allow-run-as-root", "--oversubscribe"] if "Open MPI" in banner else [found]
 
 
-def run_worker(command: list[str], timeout: float = 600, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run one benchmark worker; its last stdout line is a JSON object of results."""
+def run_worker(
+    command: list[str], timeout: float = 600, env: dict[str, str] | None = None, retries: int = 1
+) -> dict[str, Any]:
+    """Run one benchmark worker; its last stdout line is a JSON object of results.
+
+    A worker that crashes is run again up to `retries` times, saying so: torchrun/gloo peers
+    occasionally abort at start-up on a busy machine, and one bad launch should not void a study.
+    """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env)
-    except subprocess.TimeoutExpired:
-        raise HpcdlError(f"benchmark worker timed out after {timeout:.0f} s: {' '.join(command)}") from None
-    if done.returncode != 0:
-        raise HpcdlError(f"benchmark worker failed ({done.returncode}): {' '.join(command)}\n{done.stderr[-2000:]}")
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    return json.loads(lines[-1])
+    for attempt in range(retries + 1):
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env)
+        except subprocess.TimeoutExpired:
+            raise HpcdlError(f"benchmark worker timed out after {timeout:.0f} s: {' '.join(command)}") from None
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode == 0 and lines:
+            return json.loads(lines[-1])
+        if attempt < retries:
+            print(f"  worker failed ({done.returncode}), running it again: {' '.join(command[-12:])}", flush=True)
+    raise HpcdlError(f"benchmark worker failed ({done.returncode}): {' '.join(command)}\n{done.stderr[-2000:]}")
 
 
 def interleaved(runs: dict[str, Callable[[], dict[str, Any]]], repeats: int, log=print) -> dict[str, list[dict]]:
