@@ -91,6 +91,12 @@ def provenance(ranks: int, threads: int) -> dict[str, Any]:
     }
 
 
+def provenance_line(flat: dict[str, Any]) -> str:
+    """The line printed under every benchmark's table: what produced the figures."""
+    note = " (OVERSUBSCRIBED: not a speed figure)" if flat["oversubscribed"] else ""
+    return f"commit {flat['commit']}, torch {flat['torch']}, {flat['mpi']}, {flat['cores']} cores{note}"
+
+
 def write_json(path: str | None, flat: dict[str, Any]) -> None:
     """Write the figures as one flat JSON object, if asked."""
     if path:

@@ -16,7 +16,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hpcdl.bench.common import interleaved, median, mpiexec, provenance, run_worker, spread, table, write_json
+from hpcdl.bench.common import (
+    interleaved,
+    median,
+    mpiexec,
+    provenance,
+    provenance_line,
+    run_worker,
+    spread,
+    table,
+    write_json,
+)
 from hpcdl.models import CNN, MLP
 
 GLOBAL_BATCH = 256
@@ -189,8 +199,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             f"{flat[f'exposed_comm_ms_no_overlap_{m}']:.2f} without "
             f"({100 * flat[f'comm_hidden_fraction_{m}']:.0f}% hidden); compute {flat[f'compute_ms_{m}']:.2f} ms/step"
         )
-    note = " (OVERSUBSCRIBED: not a speed figure)" if flat["oversubscribed"] else ""
-    print(f"commit {flat['commit']}, torch {flat['torch']}, {flat['mpi']}, {flat['cores']} cores{note}")
+    print(provenance_line(flat))
     write_json(opts.json, flat)
     return flat
 

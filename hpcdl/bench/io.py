@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcdl.bench.common import mpiexec, provenance, run_worker, table, write_json
+from hpcdl.bench.common import mpiexec, provenance, provenance_line, run_worker, table, write_json
 from hpcdl.data.partition import WINDOW_BATCHES
 
 RAW_BLOCK = 4 << 20  # bytes per plain read of the limit
@@ -255,8 +255,7 @@ def _report(flat: dict[str, Any], files: dict[str, str], rank_counts: list[int],
             f"training synthetic-mlp streamed, prefetch {opts.prefetch}: data {100 * flat['train_data_fraction']:.1f}% "
             f"of the step (aim < 5%)"
         )
-    note = " (OVERSUBSCRIBED: not a speed figure)" if flat["oversubscribed"] else ""
-    lines.append(f"commit {flat['commit']}, {flat['mpi']}, {flat['cores']} cores{note}")
+    lines.append(provenance_line(flat))
     print("\n".join(lines))
 
 

@@ -21,7 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcdl.bench.common import interleaved, median, mpiexec, provenance, run_worker, spread, table, write_json
+from hpcdl.bench.common import (
+    interleaved,
+    median,
+    mpiexec,
+    provenance,
+    provenance_line,
+    run_worker,
+    spread,
+    table,
+    write_json,
+)
 from hpcdl.models import MLP
 
 ENGINES = ("hpcdl-gpipe", "hpcdl-1f1b", "torch-gpipe", "torch-1f1b", "single")
@@ -235,8 +245,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         f"samples/s, 1F1B at {flat['ratio_vs_limit_1f1b']:.2f} of it; activations held on the first stage: "
         f"GPipe {flat['hpcdl_gpipe_peak_alive_first_stage']}, 1F1B {flat['hpcdl_1f1b_peak_alive_first_stage']}"
     )
-    note = " (OVERSUBSCRIBED: not a speed figure)" if flat["oversubscribed"] else ""
-    print(f"commit {flat['commit']}, torch {flat['torch']}, {flat['mpi']}, {flat['cores']} cores{note}")
+    print(provenance_line(flat))
     write_json(opts.json, flat)
     return flat
 

@@ -53,6 +53,16 @@ class Grid:
         """This rank's coordinate on `axis` (0 for an axis the grid does not have)."""
         return self.coords.get(axis, 0)
 
+    def gather_on_root(self, axis: str, part):
+        """Every rank's `part` along `axis` of replica 0, in axis order, on world rank 0; None elsewhere.
+
+        How a split model's pieces meet on the rank that writes checkpoints."""
+        if self.coord("replica") != 0:
+            return None
+        group = self.group(axis)
+        parts = group.comm.gather(part, root=0)
+        return parts if group.rank == 0 else None
+
     @property
     def is_first_stage(self) -> bool:
         """True on the pipeline's first stage (it reads features)."""

@@ -379,17 +379,10 @@ class Pipeline:
 
     # -- checkpoints: each stage contributes its part; rank 0 holds the unsplit whole
 
-    def _gather_to_root(self, part):
-        """Every stage's `part`, in stage order, on world rank 0 (replica 0's first stage); else None."""
-        if self.grid.coord("replica") != 0:
-            return None
-        parts = self.pipe.comm.gather(part, root=0)
-        return parts if self.pipe.rank == 0 else None
-
     def model_state(self) -> dict[str, torch.Tensor]:
         """The unsplit model's state on rank 0 (same keys as the Sequential); this stage's part elsewhere."""
         own = self.stage.state_dict()
-        parts = self._gather_to_root(own)
+        parts = self.grid.gather_on_root("stage", own)
         if parts is None:
             return own
         return {key: value for part in parts for key, value in part.items()}
@@ -401,7 +394,7 @@ class Pipeline:
             "state": {self.global_ids[i]: v for i, v in own["state"].items()},
             "param_groups": [{**g, "params": [self.global_ids[i] for i in g["params"]]} for g in own["param_groups"]],
         }
-        parts = self._gather_to_root(glob)
+        parts = self.grid.gather_on_root("stage", glob)
         if parts is None:
             return glob
         groups = [dict(g) for g in parts[0]["param_groups"]]

@@ -212,17 +212,10 @@ class TensorParallel:
         """Replicas start from replica 0's optimizer state."""
         self.engine.sync_optimizer(optimizer)
 
-    def _gather(self, part):
-        """Every tensor rank's `part`, in order, on world rank 0; None elsewhere."""
-        if self.grid.coord("replica") != 0:
-            return None
-        parts = self.shards.comm.gather(part, root=0)
-        return parts if self.shards.rank == 0 else None
-
     def model_state(self) -> dict[str, torch.Tensor]:
         """The unsplit MLP's state on rank 0 (shards joined, same keys); this rank's shards elsewhere."""
         own = self.model.state_dict()
-        parts = self._gather(own)
+        parts = self.grid.gather_on_root("tensor", own)
         if parts is None:
             return own
         return {k: torch.cat([p[k] for p in parts], self.dims[k]) if k in self.dims else v for k, v in own.items()}
@@ -230,7 +223,7 @@ class TensorParallel:
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """The optimizer's state with shard-shaped tensors joined as for the unsplit model (on rank 0)."""
         own = optimizer.state_dict()
-        parts = self._gather(own["state"])
+        parts = self.grid.gather_on_root("tensor", own["state"])
         if parts is None:
             return own
         joined = {}
