@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpcdl.bench.common import median, mpiexec, provenance, run_worker, table, write_json
+from hpcdl.bench.common import median, mpiexec, provenance, provenance_line, run_worker, table, write_json
 
 # A model of about 25 M parameters, in the proportions of a small transformer's layers.
 LAYER_SHAPES = [(1024, 1024)] * 12 + [(4096, 1024)] * 3 + [(1024,)] * 24
@@ -116,10 +116,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             ],
         )
     )
-    print(
-        f"sync_bw_fraction = {flat['sync_bw_fraction']:.3f}; "
-        f"commit {flat['commit']}, {flat['mpi']}, {flat['cores']} cores"
-    )
+    print(f"sync_bw_fraction = {flat['sync_bw_fraction']:.3f}")
+    print(provenance_line(flat))
     write_json(opts.json, flat)
     return flat
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcdl.bench.common import mpiexec, provenance, run_worker, table, write_json
+from hpcdl.bench.common import mpiexec, provenance, provenance_line, run_worker, table, write_json
 from hpcdl.errors import ConfigError
 
 OPS = ("allreduce", "bcast", "allgather", "sendrecv")
@@ -150,7 +150,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     ]
     print(table(["op", "A: latency (us)", "1/B (GB/s)", "alpha (us)", "beta (ns/B)", "max fit error"], fit_rows))
     flat: dict[str, Any] = {**provenance(opts.ranks, 1), "ops": ops}
-    print(f"commit {flat['commit']}, {flat['mpi']}, {flat['cores']} cores")
+    print(provenance_line(flat))
     write_json(opts.json, flat)
     return flat
 

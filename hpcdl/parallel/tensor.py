@@ -59,10 +59,11 @@ class _SumShards(torch.autograd.Function):
         return grad, None
 
 
-class ColumnParallelLinear(nn.Module):
-    """A Linear whose output features are split over the tensor ranks; its output is this rank's slice."""
+class _ShardedLinear(nn.Module):
+    """A Linear whose weight is split along `split_dim` over the tensor ranks (this rank keeps its slice)."""
 
-    shard_dims = {"weight": 0, "bias": 0}
+    split_dim: int  # 0: output features (column-parallel), 1: input features (row-parallel)
+    shard_dims: dict[str, int]  # how model_state joins this layer's shards back into the dense layer
 
     def __init__(self, in_features: int, out_features: int, world: World, bias: bool = True):
         super().__init__()
@@ -70,51 +71,45 @@ class ColumnParallelLinear(nn.Module):
         self._take(nn.Linear(in_features, out_features, bias=bias), world)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, world: World) -> ColumnParallelLinear:
-        """This rank's column slice of an existing Linear (its rows of the weight)."""
+    def from_dense(cls, linear: nn.Linear, world: World) -> _ShardedLinear:
+        """This rank's slice of an existing Linear."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._take(linear, world)
         return layer
 
     def _take(self, linear: nn.Linear, world: World) -> None:
-        out = linear.out_features
-        if out % world.size:
-            raise ConfigError(f"a Linear with {out} outputs does not split over {world.size} tensor ranks")
-        rows = slice(world.rank * out // world.size, (world.rank + 1) * out // world.size)
-        self.world, self.in_features, self.out_features = world, linear.in_features, out
-        self.weight = nn.Parameter(linear.weight.detach()[rows].clone())
-        self.bias = nn.Parameter(linear.bias.detach()[rows].clone()) if linear.bias is not None else None
+        width = linear.weight.shape[self.split_dim]
+        if width % world.size:
+            side = "outputs" if self.split_dim == 0 else "inputs"
+            raise ConfigError(f"a Linear with {width} {side} does not split over {world.size} tensor ranks")
+        mine = slice(world.rank * width // world.size, (world.rank + 1) * width // world.size)
+        self.world, self.in_features, self.out_features = world, linear.in_features, linear.out_features
+        self.weight = nn.Parameter(
+            linear.weight.detach().narrow(self.split_dim, mine.start, mine.stop - mine.start).clone()
+        )
+        self.bias = None
+        if linear.bias is not None:
+            # A column slice owns its outputs' biases; a row-parallel layer adds the whole bias once, after the sum.
+            bias = linear.bias.detach()[mine] if "bias" in self.shard_dims else linear.bias.detach()
+            self.bias = nn.Parameter(bias.clone())
+
+
+class ColumnParallelLinear(_ShardedLinear):
+    """A Linear whose output features are split over the tensor ranks; its output is this rank's slice."""
+
+    split_dim = 0
+    shard_dims = {"weight": 0, "bias": 0}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(_CopyToShards.apply(x, self.world), self.weight, self.bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ShardedLinear):
     """A Linear whose input features are split over the tensor ranks; the output is summed (whole) everywhere."""
 
+    split_dim = 1
     shard_dims = {"weight": 1}
-
-    def __init__(self, in_features: int, out_features: int, world: World, bias: bool = True):
-        super().__init__()
-        self._take(nn.Linear(in_features, out_features, bias=bias), world)
-
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, world: World) -> RowParallelLinear:
-        """This rank's row slice of an existing Linear (its columns of the weight); the bias stays whole."""
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer._take(linear, world)
-        return layer
-
-    def _take(self, linear: nn.Linear, world: World) -> None:
-        width = linear.in_features
-        if width % world.size:
-            raise ConfigError(f"a Linear with {width} inputs does not split over {world.size} tensor ranks")
-        cols = slice(world.rank * width // world.size, (world.rank + 1) * width // world.size)
-        self.world, self.in_features, self.out_features = world, width, linear.out_features
-        self.weight = nn.Parameter(linear.weight.detach()[:, cols].clone())
-        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _SumShards.apply(F.linear(x, self.weight), self.world)
