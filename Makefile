@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BENCH) allreduce --json runs/bench-allreduce.json
 	$(BENCH) dp --json runs/bench-dp.json
 	$(BENCH) pipeline --json runs/bench-pipeline.json
+	$(BENCH) pipeline --batch 1024 --json runs/bench-pipeline-b1024.json
 	$(BENCH) io --json runs/bench-io.json
 	$(BENCH) comm --json runs/bench-comm.json
 

@@ -14,6 +14,7 @@ import os
 import random
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -176,9 +177,14 @@ def load(path: str | Path) -> dict[str, Any]:
 
 
 def restore_model(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
-    """Load a checkpoint's parameters into `model`, or say in one line why they do not fit."""
+    """Load a checkpoint's parameters into `model`, or say in one line why they do not fit.
+
+    A meta-device model (a pipeline's, before each stage allocates its part) is only checked.
+    """
     try:
-        model.load_state_dict(state["model"])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*meta parameter.*no-op")
+            model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:
         first = str(exc).replace("\n", " ").replace("\t", "")
         raise HpcdlError(f"checkpoint {path} does not fit this model ({first[:300]}); check [model]") from None

@@ -5,9 +5,10 @@ from __future__ import annotations
 import importlib
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -70,6 +71,7 @@ MODELS: dict[str, Builder] = {
     "cnn": lambda cfg, shape, classes: CNN(shape, cfg.channels, cfg.fc, classes),
     "rnn": lambda cfg, shape, classes: RNN(shape, cfg.cell, cfg.rnn_hidden, cfg.rnn_layers, classes),
 }
+SEQUENTIAL = ("mlp", "cnn")  # built layer by layer, so a pipeline stage can build only its own
 
 
 def load_factory(spec: str, folder: str = "") -> Callable[..., Any]:
@@ -112,9 +114,52 @@ def from_factory(
     return model
 
 
-def build(cfg: ModelConfig, feature_shape: tuple[int, ...], num_classes: int, seed: int, folder: str = "") -> nn.Module:
-    """Build the named model (or `cfg.factory`'s) with the dataset's shapes; the seed makes every rank's copy equal."""
+def layer_seed(seed: int, index: int) -> int:
+    """The seed that initialises layer `index` of a Sequential built with `seed`."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def materialize(layers: Iterable[tuple[int, nn.Module]], seed: int) -> None:
+    """Allocate meta-device layers on the CPU, layer i initialised from `layer_seed(seed, i)`.
+
+    Seeding each layer on its own makes a pipeline stage built alone equal to its part
+    of the whole model; the caller's random state is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        for index, layer in layers:
+            layer.to_empty(device="cpu")
+            torch.manual_seed(layer_seed(seed, index))
+            for module in layer.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+
+
+def is_meta(model: nn.Module) -> bool:
+    """Whether `model` was built on the meta device (shapes only, nothing allocated)."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def build(
+    cfg: ModelConfig,
+    feature_shape: tuple[int, ...],
+    num_classes: int,
+    seed: int,
+    folder: str = "",
+    device: str = "cpu",
+) -> nn.Module:
+    """Build the named model (or `cfg.factory`'s) with the dataset's shapes; the seed makes every rank's copy equal.
+
+    The MLP and CNN are built layer by layer from `seed` (see `materialize`); with
+    `device="meta"` they come back unallocated, for a pipeline stage to allocate only
+    its own layers. A factory's model and the RNN are built whole, on the CPU.
+    """
     torch.manual_seed(seed)
     if cfg.factory:
         return from_factory(cfg.factory, tuple(feature_shape), num_classes, cfg.kwargs, folder)
-    return MODELS[cfg.name](cfg, tuple(feature_shape), num_classes)
+    if cfg.name not in SEQUENTIAL:
+        return MODELS[cfg.name](cfg, tuple(feature_shape), num_classes)
+    with torch.device("meta"):
+        model = MODELS[cfg.name](cfg, tuple(feature_shape), num_classes)
+    if device != "meta":
+        materialize(enumerate(model), seed)
+    return model

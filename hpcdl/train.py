@@ -73,7 +73,9 @@ def prepare(cfg: Config, world: World, resume: str | None, model: torch.nn.Modul
         check_scale(cfg, info, batch_ranks(cfg, world.size))
         built = model
         if built is None:
-            built = build(cfg.model, info.feature_shape, info.num_classes, cfg.train.seed, cfg.folder)
+            # A pipeline stage allocates only its own layers: the others stay shapes on the meta device.
+            device = "meta" if cfg.parallel.mode == "pipeline" else "cpu"
+            built = build(cfg.model, info.feature_shape, info.num_classes, cfg.train.seed, cfg.folder, device)
         path = checkpoint.resolve(resume, cfg.run.dir, notes) if resume else None
         state = checkpoint.load(path) if path else None
         if state:
@@ -136,12 +138,12 @@ def train(
     A run stopped by SIGTERM/SIGUSR1 checkpoints and returns {"stopped_by": signal name, ...} instead.
     """
     setup = prepare(cfg, world, resume, model)
-    strategy = make_strategy(cfg, world, setup.model, setup.info.feature_shape)
+    state = setup.resume_state
+    strategy = make_strategy(cfg, world, setup.model, setup.info.feature_shape, state["model"] if state else None)
     train_loader, val_loader = make_loaders(
         cfg, world, setup.info, strategy.data_rank, strategy.data_size, getattr(strategy, "columns", None)
     )
     optimizer = build_optimizer(cfg.train, strategy.params)
-    state = setup.resume_state
     if state:
         strategy.load_optimizer_state(optimizer, state["optimizer"])
     strategy.sync_optimizer(optimizer)

@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hpcdl.config import ModelConfig
-from hpcdl.models import build
+from hpcdl.models import MLP, build
+
+Builder = Callable[[tuple[int, ...], int, int], torch.nn.Module]  # (feature_shape, num_classes, seed) -> model
+
+
+def plain_mlp(hidden: list[int]) -> Builder:
+    """The MLP as a user's own PyTorch code builds it: torch.manual_seed(seed), then the constructor."""
+
+    def make(feature_shape: tuple[int, ...], num_classes: int, seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return MLP(math.prod(feature_shape), hidden, num_classes)
+
+    return make
 
 
 def reference_train(
-    path, model_cfg: ModelConfig, *, seed: int, batch: int, steps: int, lr: float, momentum: float = 0.9
+    path, model_cfg: ModelConfig | Builder, *, seed: int, batch: int, steps: int, lr: float, momentum: float = 0.9
 ) -> dict[str, torch.Tensor]:
-    """SGD on the whole global batch in one process; sample order from (seed, epoch) as documented."""
+    """SGD on the whole global batch in one process; sample order from (seed, epoch) as documented.
+
+    `model_cfg` is a config hpcdl builds the model from, or a user's own builder (`plain_mlp`).
+    """
     with h5py.File(path, "r") as f:
         x, y = torch.from_numpy(f["train/x"][:]), torch.from_numpy(f["train/y"][:])
         classes = int(f.attrs["num_classes"])
-    model = build(model_cfg, tuple(x.shape[1:]), classes, seed)
+    shape = tuple(x.shape[1:])
+    model = model_cfg(shape, classes, seed) if callable(model_cfg) else build(model_cfg, shape, classes, seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     done, epoch = 0, 0
     while done < steps:

@@ -11,7 +11,7 @@ from hpcdl.errors import ConfigError
 from hpcdl.models import build
 
 from conftest import REPO, hpcdl_train, read_summary
-from reference import assert_close_states, reference_train
+from reference import assert_close_states, plain_mlp, reference_train
 
 EXAMPLES = REPO / "examples"
 STEPS, BATCH, LR = 12, 48, 0.05
@@ -104,9 +104,7 @@ def test_factory_model_trains_like_the_package_model(datasets, tmp_path, monkeyp
     assert result.returncode == 0, result.stderr
     assert "model my_model:mlp" in result.stdout
     state = checkpoint.load(checkpoint.resolve("latest", tmp_path))
-    package = reference_train(
-        datasets["synthetic"], ModelConfig(name="mlp", hidden=[16, 8]), seed=0, batch=BATCH, steps=STEPS, lr=LR
-    )
+    package = reference_train(datasets["synthetic"], plain_mlp([16, 8]), seed=0, batch=BATCH, steps=STEPS, lr=LR)
     assert_close_states(state["model"], package)
     assert len(set(read_summary(tmp_path)["param_digests"])) == 1, "ranks' parameters differ"
 

@@ -5,11 +5,10 @@ import pytest
 import torch
 
 import hpcdl.horovod as hvd
-from hpcdl.config import ModelConfig
 from hpcdl.errors import HpcdlError
 
 from conftest import REPO, run_mpi
-from reference import assert_close_states, reference_train
+from reference import assert_close_states, plain_mlp, reference_train
 
 SCRIPTS = REPO / "tests" / "scripts"
 
@@ -47,9 +46,7 @@ def test_horovod_style_script_matches_one_process(datasets, tmp_path):
     # The split gives every rank equal local batches here, so the global batch is 2 x 24 and lr scales by 2.
     assert train_size % 2 == 0 and (train_size % 48) % 2 == 0
     steps = epochs * -(-train_size // 48)
-    expected = reference_train(
-        datasets["synthetic"], ModelConfig(name="mlp", hidden=[16, 8]), seed=0, batch=48, steps=steps, lr=2 * lr
-    )
+    expected = reference_train(datasets["synthetic"], plain_mlp([16, 8]), seed=0, batch=48, steps=steps, lr=2 * lr)
     assert_close_states(torch.load(out)["model"], expected)
 
 

@@ -7,15 +7,14 @@ import pytest
 
 from hpcdl import checkpoint
 from hpcdl.api import fit_config
-from hpcdl.config import ModelConfig
 from hpcdl.errors import ConfigError
 
 from conftest import REPO, hpcdl_train, read_summary, run_mpi
-from reference import assert_close_states, reference_train
+from reference import assert_close_states, plain_mlp, reference_train
 
 EXAMPLES = REPO / "examples"
 STEPS, LR = 12, 0.05
-OWN_MODEL = ModelConfig(name="mlp", hidden=[64, 32])  # what examples/my_model.py:mlp builds in own_model.toml
+OWN_MODEL = plain_mlp([64, 32])  # what examples/my_model.py:mlp builds in own_model.toml
 
 
 def latest_model(run_dir) -> dict:

@@ -1,6 +1,10 @@
 """Pipeline parallel equals the unsplit model: gradients, activations held, training, checkpoints, errors."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import pytest
@@ -11,7 +15,7 @@ from hpcdl import checkpoint, config
 from hpcdl.comm import World
 from hpcdl.config import ModelConfig
 from hpcdl.errors import ConfigError
-from hpcdl.models import MLP, build
+from hpcdl.models import MLP, build, is_meta, materialize
 from hpcdl.parallel import batch_ranks
 from hpcdl.parallel.pipeline import balanced_starts, layer_times, peak_alive, schedule, stage_starts, units
 
@@ -36,20 +40,39 @@ def test_schedules_hold_the_promised_activations():
 
 def test_cuts_balance_parameters_and_name_the_fix():
     world = World(None, 0, 1, 0, 1, 0, 1)
-    layers = list(MLP(1024, [1024] * 7, 1024))  # Flatten + 8 equal Linear layers with ReLUs between
+    with torch.device("meta"):  # cut by shapes alone: nothing is allocated
+        layers = list(MLP(1024, [1024] * 7, 1024))  # Flatten + 8 equal Linear layers with ReLUs between
     assert stage_starts(layers, 2, "params", None, world) == [0, 9]  # four Linear layers on each stage
     assert stage_starts(layers, 4, "params", None, world) == [0, 5, 9, 13]
     assert stage_starts(layers, 2, "params", [5], world) == [0, 5]
     assert balanced_starts([1, 1, 1, 9], [0, 1, 2, 3], 2) == [0, 3]
     # Balanced by measured time: the wide layers are the slow ones, so they get a stage of their own.
-    timed = [torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 512), torch.nn.Linear(512, 512)]
+    with torch.device("meta"):  # timed on allocated copies, one layer at a time
+        timed = [torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 512), torch.nn.Linear(512, 512)]
     seconds = layer_times(timed, torch.randn(256, 64))
     assert len(seconds) == 4 and seconds[3] > seconds[0] > 0
+    assert all(p.is_meta for layer in timed for p in layer.parameters())
     assert balanced_starts(seconds, units(timed), 2) == [0, 3]
     with pytest.raises(ConfigError, match="only 8 layers with parameters .of 16.; use at most 8 stages"):
         stage_starts(layers, 9, "params", None, world)
     with pytest.raises(ConfigError, match=r"parallel.cuts = \[16\] must be 1 increasing layer indices in 1..15"):
         stage_starts(layers, 2, "params", [16], world)
+
+
+@pytest.mark.parametrize("model", [MODEL, ModelConfig(name="cnn", channels=[4, 8], fc=16)])
+def test_a_stage_built_alone_equals_its_part_of_the_whole_model(model):
+    whole = build(model, (1, 8, 8), 10, seed=3)
+    shapes = build(model, (1, 8, 8), 10, seed=3, device="meta")
+    assert is_meta(shapes) and not is_meta(whole)
+    before = torch.get_rng_state()
+    tail = [(i, layer) for i, layer in enumerate(shapes) if i >= len(shapes) // 2]
+    materialize(tail, seed=3)  # only the second half: the first stays unallocated
+    assert torch.equal(torch.get_rng_state(), before), "allocating a stage must not move the caller's random state"
+    first_weighted = next(layer for layer in shapes if list(layer.parameters()))
+    assert is_meta(first_weighted) and not any(is_meta(layer) for _, layer in tail)
+    for i, layer in tail:
+        for name, value in layer.state_dict().items():
+            assert torch.equal(value, whole[i].state_dict()[name]), f"layer {i} {name} differs from the whole model's"
 
 
 def test_stages_match_unsplit_gradients_and_1f1b_holds_at_most_s_micro_batches():
@@ -62,6 +85,7 @@ def test_stages_match_unsplit_gradients_and_1f1b_holds_at_most_s_micro_batches()
         assert report[f"S{stages}_1f1b"][0]["peak_alive"] == stages  # 1F1B at most S
     assert [r["peak_alive"] for r in report["S4_1f1b"]] == [4, 3, 2, 1]
     assert [r["layers"] for r in report["S2xR2_1f1b"]] == [[0, 7], [7, 12], [0, 7], [7, 12]]
+    assert [r["layers"] for r in report["S4_allocated"]] == [r["layers"] for r in report["S4_1f1b"]]
 
 
 def _train(ranks, datasets, run_dir, *sets, steps=STEPS, extra=()):
@@ -152,3 +176,28 @@ def test_bad_pipeline_layouts_end_every_rank_with_the_fix(datasets, tmp_path, se
     assert message in result.stderr
     assert result.stderr.count("hpcdl: error") == 1, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_pipeline_runs_every_engine_and_splits_idle_into_bubble_and_imbalance(tmp_path):
+    out = tmp_path / "pipeline.json"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    command = [
+        sys.executable, "-m", "hpcdl", "bench", "pipeline", "--layers", "4", "--width", "32", "--batch", "32",
+        "--micro", "4", "--steps", "2", "--warmup", "1", "--repeats", "1", "--json", str(out),
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"bench pipeline hung: {exc.stdout}\n{exc.stderr}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["bubble_theory"] == pytest.approx(1 / 5, abs=1e-4)  # (S-1)/(m+S-1) with S=2, m=4
+    for kind in ("gpipe", "1f1b"):
+        idle = figures[f"idle_per_stage_{kind}"]
+        bubble = figures["bubble_measured" if kind == "gpipe" else "bubble_measured_1f1b"]
+        assert len(idle) == 2 and all(0 <= i < 1 for i in idle)
+        assert bubble == min(idle)  # the least idle stage waits only for fill and drain
+        assert figures[f"imbalance_{kind}"] == pytest.approx(sum(idle) / 2 - bubble, abs=2e-4)
+        assert figures[f"ratio_vs_torch_{kind}"] > 0 and figures[f"torch_{kind}_samples_per_s"] > 0
+    assert figures["hpcdl_gpipe_peak_alive_first_stage"] == 4 and figures["hpcdl_1f1b_peak_alive_first_stage"] == 2
+    assert "idle per stage" in done.stdout and "theory (S-1)/(m+S-1) = 20.0%" in done.stdout

@@ -2,9 +2,12 @@
 
 The same deep MLP (`--layers` x Linear(width, width) with ReLUs), cut at the same layers,
 the same global batch and micro-batches for every engine; variants interleaved A B A B.
-hpcdl's workers also report the bubble: the fraction of a step a stage spends neither in
-forward nor in backward, next to the theory (S-1)/(m+S-1). Run as
-`python -m hpcdl.bench.pipeline --worker ...` it is a worker.
+hpcdl's workers also report where a step's time goes. A stage's idle fraction is the part
+of its step spent neither in forward nor in backward. The least idle stage (the busiest)
+waits only for the pipeline to fill and drain, so its idle fraction is the measured bubble,
+next to the theory (S-1)/(m+S-1); the lighter stages wait that long plus the difference in
+work, reported as imbalance (mean idle = bubble + imbalance). Run as `python -m hpcdl.bench.pipeline --worker ...`
+it is a worker.
 """
 
 from __future__ import annotations
@@ -32,14 +35,16 @@ from hpcdl.bench.common import (
     table,
     write_json,
 )
-from hpcdl.models import MLP
+from hpcdl.config import ModelConfig
+from hpcdl.models import build
 
 ENGINES = ("hpcdl-gpipe", "hpcdl-1f1b", "torch-gpipe", "torch-1f1b", "single")
 
 
-def _model(opts: argparse.Namespace) -> MLP:
-    torch.manual_seed(0)
-    return MLP(opts.width, [opts.width] * (opts.layers - 1), opts.width)
+def _model(opts: argparse.Namespace, device: str = "cpu") -> nn.Sequential:
+    """The deep MLP: `opts.layers` x Linear(width, width), ReLUs between; shapes only on `device="meta"`."""
+    hidden = [opts.width] * (opts.layers - 1)
+    return build(ModelConfig(name="mlp", hidden=hidden), (opts.width,), opts.width, seed=0, device=device)
 
 
 def _data(opts: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +75,7 @@ def _hpcdl_worker(opts: argparse.Namespace) -> dict[str, Any] | None:
     from hpcdl.parallel.pipeline import Pipeline
 
     world = comm.init(threads=opts.threads)
-    pipe = Pipeline(_model(opts), world.size, opts.micro, opts.engine.split("-")[1], world)
+    pipe = Pipeline(_model(opts, "meta"), world.size, opts.micro, opts.engine.split("-")[1], world)
     optimizer = torch.optim.SGD(pipe.params, lr=0.01)
     x, y = _data(opts)
     batch, timer = Batch(x, y, opts.batch), PhaseTimer()
@@ -90,16 +95,18 @@ def _hpcdl_worker(opts: argparse.Namespace) -> dict[str, Any] | None:
     opts.warmup = 0
     elapsed = _timed(step, opts)
     busy = timer.totals["forward"] + timer.totals["backward"]
-    mine = [elapsed, 1 - busy / in_steps[0], _peak_rss_mib(), pipe.peak_alive]
+    mine = [elapsed, busy, in_steps[0], _peak_rss_mib(), pipe.peak_alive]
     stages = world.comm.gather(mine, root=0)
     if world.rank:
         return None
-    slowest = max(s[0] for s in stages)
+    idle = [1 - s[1] / s[2] for s in stages]
     return {
-        "samples_per_s": opts.batch * opts.steps / slowest,
-        "bubble": float(np.mean([s[1] for s in stages])),
-        "peak_rss_mib": [round(s[2], 1) for s in stages],
-        "peak_alive": [s[3] for s in stages],
+        "samples_per_s": opts.batch * opts.steps / max(s[0] for s in stages),
+        "bubble": min(idle),
+        "imbalance": float(np.mean(idle)) - min(idle),
+        "idle_per_stage": [round(i, 4) for i in idle],
+        "peak_rss_mib": [round(s[3], 1) for s in stages],
+        "peak_alive": [s[4] for s in stages],
     }
 
 
@@ -213,12 +220,19 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         flat[f"{key[e]}_spread"] = round(spread([r["samples_per_s"] for r in results[e]]), 3)
         flat[f"{key[e]}_peak_rss_mib_max"] = max(results[e][-1]["peak_rss_mib"])
     limit = opts.stages * rate["single"] * (1 - theory)
+    for e in ("hpcdl-gpipe", "hpcdl-1f1b"):
+        suffix = "" if e == "hpcdl-gpipe" else "_1f1b"  # the issue's names for GPipe's figures
+        flat[f"bubble_measured{suffix}"] = round(median([r["bubble"] for r in results[e]]), 4)
+        flat[f"imbalance{suffix or '_gpipe'}"] = round(median([r["imbalance"] for r in results[e]]), 4)
+        flat[f"idle_per_stage{suffix or '_gpipe'}"] = [
+            round(median([r["idle_per_stage"][s] for r in results[e]]), 4) for s in range(opts.stages)
+        ]
     flat.update(
         ratio_vs_torch_gpipe=round(rate["hpcdl-gpipe"] / rate["torch-gpipe"], 3),
         ratio_vs_torch_1f1b=round(rate["hpcdl-1f1b"] / rate["torch-1f1b"], 3),
         bubble_theory=round(theory, 4),
-        bubble_measured=round(median([r["bubble"] for r in results["hpcdl-gpipe"]]), 4),
-        bubble_measured_1f1b=round(median([r["bubble"] for r in results["hpcdl-1f1b"]]), 4),
+        bubble_vs_theory=round(flat["bubble_measured"] / theory, 3),
+        bubble_vs_theory_1f1b=round(flat["bubble_measured_1f1b"] / theory, 3),
         limit_samples_per_s=round(limit, 1),
         ratio_vs_limit_1f1b=round(rate["hpcdl-1f1b"] / limit, 3),
         hpcdl_gpipe_peak_alive_first_stage=results["hpcdl-gpipe"][-1]["peak_alive"][0],
@@ -228,21 +242,38 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     for e in ENGINES:
         peer = rate["torch-1f1b" if e.endswith("1f1b") else "torch-gpipe"]
         memory = " / ".join(f"{m:,.0f}" for m in results[e][-1]["peak_rss_mib"])
-        bubble = f"{100 * median([r['bubble'] for r in results[e]]):.1f}%" if e.startswith("hpcdl") else "-"
+        bubble = imbalance = idle = "-"
+        if e.startswith("hpcdl"):
+            suffix = "_gpipe" if e == "hpcdl-gpipe" else "_1f1b"
+            bubble = f"{100 * median([r['bubble'] for r in results[e]]):.1f}%"
+            imbalance = f"{100 * flat['imbalance' + suffix]:.1f}%"
+            idle = " / ".join(f"{100 * i:.1f}%" for i in flat["idle_per_stage" + suffix])
         rows.append(
-            [e, f"{rate[e]:,.0f}", f"±{100 * flat[f'{key[e]}_spread']:.0f}%", f"{rate[e] / peer:.2f}", memory, bubble]
-        )
+            [e, f"{rate[e]:,.0f}", f"±{100 * flat[f'{key[e]}_spread']:.0f}%", f"{rate[e] / peer:.2f}", memory,
+             bubble, imbalance, idle]
+        )  # fmt: skip
     print()
     print(
         table(
-            ["engine", "samples/s (median)", "spread", "vs torch (same schedule)", "peak RSS MiB per stage", "bubble"],
+            [
+                "engine",
+                "samples/s (median)",
+                "spread",
+                "vs torch (same schedule)",
+                "peak RSS MiB per stage",
+                "bubble",
+                "imbalance",
+                "idle per stage",
+            ],
             rows,
-        )
+        )  # fmt: skip
     )
     print(
-        f"bubble: measured {100 * flat['bubble_measured']:.1f}% (GPipe), {100 * flat['bubble_measured_1f1b']:.1f}% "
-        f"(1F1B), theory (S-1)/(m+S-1) = {100 * theory:.1f}%; limit S x single x (1 - bubble) = {limit:,.0f} "
-        f"samples/s, 1F1B at {flat['ratio_vs_limit_1f1b']:.2f} of it; activations held on the first stage: "
+        f"bubble (idle of the least idle stage): measured {100 * flat['bubble_measured']:.1f}% (GPipe, "
+        f"{flat['bubble_vs_theory']:.2f}x theory), {100 * flat['bubble_measured_1f1b']:.1f}% (1F1B, "
+        f"{flat['bubble_vs_theory_1f1b']:.2f}x), theory (S-1)/(m+S-1) = {100 * theory:.1f}%; the lighter stages "
+        f"also wait for the heavier (imbalance). Limit S x single x (1 - bubble) = {limit:,.0f} samples/s, 1F1B at "
+        f"{flat['ratio_vs_limit_1f1b']:.2f} of it; activations held on the first stage: "
         f"GPipe {flat['hpcdl_gpipe_peak_alive_first_stage']}, 1F1B {flat['hpcdl_1f1b_peak_alive_first_stage']}"
     )
     print(provenance_line(flat))

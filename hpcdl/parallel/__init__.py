@@ -57,10 +57,17 @@ def batch_ranks(cfg: Config, world_size: int) -> int:
     return par.replicas
 
 
-def make_strategy(cfg: Config, world: World, model: nn.Module, feature_shape: tuple[int, ...] | None = None):
+def make_strategy(
+    cfg: Config,
+    world: World,
+    model: nn.Module,
+    feature_shape: tuple[int, ...] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+):
     """The strategy named by `parallel.mode`, wrapping `model` (built identically on every rank).
 
-    `feature_shape` (one sample's) lets pipeline mode time its layers (`parallel.balance = "time"`).
+    `feature_shape` (one sample's) lets pipeline mode time its layers (`parallel.balance = "time"`);
+    a meta-device `model` is allocated stage by stage, from `model_state` (a checkpoint's) if given.
     """
     par = cfg.parallel
     if par.mode == "pipeline":
@@ -74,6 +81,7 @@ def make_strategy(cfg: Config, world: World, model: nn.Module, feature_shape: tu
             model, par.stages, par.micro_batches, par.schedule, world, par.replicas,
             balance=par.balance, cuts=par.cuts or None, sample=sample,
             bucket_mb=par.bucket_mb, overlap=par.overlap, compression=par.compression,
+            seed=cfg.train.seed, initial_state=model_state,
         )  # fmt: skip
     if par.mode == "tensor":
         from hpcdl.parallel.tensor import TensorParallel

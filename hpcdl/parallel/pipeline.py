@@ -12,6 +12,7 @@ the last micro-batch's backward.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -24,6 +25,7 @@ from hpcdl.comm import World
 from hpcdl.data.loader import Batch
 from hpcdl.errors import ConfigError
 from hpcdl.metrics import PhaseTimer
+from hpcdl.models import is_meta, materialize
 from hpcdl.parallel.common import share_of_loss, zero_contribution
 from hpcdl.parallel.data import DataParallel
 from hpcdl.parallel.grid import Grid
@@ -79,7 +81,11 @@ def balanced_starts(weights: list[float], candidates: list[int], stages: int) ->
 
 
 def layer_times(layers: list[nn.Module], sample: torch.Tensor, repeats: int = 5) -> list[float]:
-    """Median seconds of forward plus backward of each layer on `sample` (one micro-batch)."""
+    """Median seconds of forward plus backward of each layer on `sample` (one micro-batch).
+
+    Meta-device layers are timed on an allocated copy (any initial values time the same).
+    """
+    layers = [_allocated_copy(i, layer) if is_meta(layer) else layer for i, layer in enumerate(layers)]
     times = np.zeros((repeats, len(layers)))
     for r in range(repeats + 1):
         x = sample
@@ -94,6 +100,12 @@ def layer_times(layers: list[nn.Module], sample: torch.Tensor, repeats: int = 5)
         for layer in layers:
             layer.zero_grad(set_to_none=True)
     return list(np.median(times, axis=0))
+
+
+def _allocated_copy(index: int, layer: nn.Module) -> nn.Module:
+    copied = copy.deepcopy(layer)
+    materialize([(index, copied)], seed=0)
+    return copied
 
 
 def check_layout(layers: list[nn.Module], stages: int, cuts: list[int] | None) -> None:
@@ -174,6 +186,12 @@ class Pipeline:
 
     World rank r is stage r % stages of replica r // stages. The strategy protocol of
     `hpcdl.parallel` (train_step, evaluate_batch, model_state, ...) drives it.
+
+    A `sequential` built on the meta device (`hpcdl.models.build(..., device="meta")` or
+    under `with torch.device("meta")`) is cut by its shapes, and each rank allocates only
+    its own stage: from `initial_state` (the unsplit model's state, e.g. a checkpoint's)
+    if given, else layer i is initialised from (`seed`, i) as `hpcdl.models.materialize`
+    does. An already allocated model is simply cut.
     """
 
     def __init__(
@@ -191,6 +209,8 @@ class Pipeline:
         bucket_mb: float = 25.0,
         overlap: bool = True,
         compression: str = "none",
+        seed: int = 0,
+        initial_state: dict[str, torch.Tensor] | None = None,
     ):
         if world is None:
             from hpcdl import comm
@@ -210,10 +230,15 @@ class Pipeline:
         bounds = [*starts, len(named)]
         self.layer_range = (bounds[self.stage_index], bounds[self.stage_index + 1])
         # Keeping the original names makes the stage's state_dict keys those of the unsplit model.
-        self.stage = nn.Sequential(OrderedDict(named[self.layer_range[0] : self.layer_range[1]]))
-        index = {id(p): i for i, p in enumerate(sequential.parameters())}
+        own = named[self.layer_range[0] : self.layer_range[1]]
+        self.stage = nn.Sequential(OrderedDict(own))
+        if is_meta(self.stage):
+            materialize([(self.layer_range[0] + i, layer) for i, (_, layer) in enumerate(own)], seed)
+            if initial_state is not None:
+                self.stage.load_state_dict({key: initial_state[key] for key in self.stage.state_dict()})
+        index = {name: i for i, (name, _) in enumerate(sequential.named_parameters())}
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
-        self.global_ids = [index[id(p)] for p in self.params]
+        self.global_ids = [index[name] for name, p in self.stage.named_parameters() if p.requires_grad]
         self.dp = None
         if replicas > 1:
             self.dp = DataParallel(self.stage, self.grid.group("replica"), bucket_mb, overlap, compression)

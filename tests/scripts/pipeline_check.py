@@ -1,5 +1,8 @@
 """Run under mpiexec -n 4: pipeline stages (2 and 4, GPipe and 1F1B, and 2 stages x 2 replicas) against
-the unsplit model in one process: loss, every gradient, activations held, and three SGD steps."""
+the unsplit model in one process: loss, every gradient, activations held, and three SGD steps.
+
+Each rank gets the model on the meta device and allocates only its stage, which must equal
+its part of the unsplit model; one more layout takes an already allocated model instead."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import torch.nn.functional as F
 from hpcdl import comm
 from hpcdl.data.loader import Batch
 from hpcdl.metrics import PhaseTimer
-from hpcdl.models import MLP
+from hpcdl.models import MLP, is_meta, materialize
 from hpcdl.parallel.pipeline import Pipeline
 
 BATCH, MICRO, STEPS = 24, 6, 3
@@ -23,9 +26,13 @@ def data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, 12, generator=g), torch.randint(0, 5, (BATCH,), generator=g)
 
 
-def model() -> MLP:
-    torch.manual_seed(0)
-    return MLP(12, [16, 16, 16, 16, 16], 5)  # 12 layers: Flatten, 6 x Linear, 5 x ReLU
+def model(allocated: bool = True) -> MLP:
+    """12 layers (Flatten, 6 x Linear, 5 x ReLU), layer i initialised from seed (0, i); shapes only if not allocated."""
+    with torch.device("meta"):
+        net = MLP(12, [16, 16, 16, 16, 16], 5)
+    if allocated:
+        materialize(enumerate(net), seed=0)
+    return net
 
 
 def reference() -> tuple[list[float], list[dict], dict]:
@@ -44,12 +51,16 @@ def reference() -> tuple[list[float], list[dict], dict]:
     return losses, grads, net.state_dict()
 
 
-def check(world: comm.World, stages: int, replicas: int, kind: str, expected) -> dict:
+def check(world: comm.World, stages: int, replicas: int, kind: str, expected, allocated: bool = False) -> dict:
     """One pipeline layout on `world`; returns what rank 0 of it saw."""
     losses, grads, final = expected
-    net = model()
-    pipe = Pipeline(net, stages, MICRO, kind, world, replicas)
-    names = {id(p): n for n, p in net.named_parameters()}
+    net = model(allocated)
+    pipe = Pipeline(net, stages, MICRO, kind, world, replicas, seed=0)
+    first, end = pipe.layer_range
+    others = [layer for i, layer in enumerate(net) if not first <= i < end and list(layer.parameters())]
+    assert allocated or all(map(is_meta, others)), "a layer of another stage was allocated on this rank"
+    assert not is_meta(pipe.stage), "this rank's stage was not allocated"
+    names = {id(p): n for n, p in pipe.stage.named_parameters()}
     opt = torch.optim.SGD(pipe.params, lr=0.1, momentum=0.9)
     timer = PhaseTimer()
     for step in range(STEPS):
@@ -89,6 +100,7 @@ def main() -> None:
         report[f"S4_{kind}"] = world.comm.allgather(check(world, 4, 1, kind, expected))
         report[f"S2_{kind}"] = half.comm.allgather(check(half, 2, 1, kind, expected))
         report[f"S2xR2_{kind}"] = world.comm.allgather(check(world, 2, 2, kind, expected))
+    report["S4_allocated"] = world.comm.allgather(check(world, 4, 1, "1f1b", expected, allocated=True))
     if world.rank == 0:
         print(json.dumps(report), flush=True)
 
