@@ -163,7 +163,7 @@ def train(
     world.log(
         f"hpcdl: {world.size} ranks on {world.num_nodes} node(s), torch threads per rank: {torch.get_num_threads()}; "
         f"model {type(model).__name__ if model is not None else cfg.model.factory or cfg.model.name} "
-        f"({sum(p.numel() for p in strategy.params):,} parameters); "
+        f"({sum(p.numel() for p in setup.model.parameters()):,} parameters); "
         f"data {cfg.data.path} ({setup.info.sizes['train']:,} train / {setup.info.sizes['val']:,} val, "
         f"partition {cfg.data.partition})" + (f"; resumed at step {global_step}" if state else "")
     )
@@ -281,7 +281,7 @@ def train(
         "steps": steps_timed,
         "warmup_steps": cfg.run.warmup_steps,
         "global_batch": cfg.train.batch_size,
-        "params": sum(p.numel() for p in strategy.params),
+        "params": sum(p.numel() for p in setup.model.parameters()),  # the whole model, however split
         "samples_per_s": samples_timed / step_s if step_s > 0 else 0.0,
         "elapsed_s": elapsed,
         "step_ms": 1000.0 * step_s / max(1, steps_timed),
