@@ -17,7 +17,8 @@ from hpcdl.config import ModelConfig
 from hpcdl.errors import ConfigError
 from hpcdl.models import MLP, build, is_meta, materialize
 from hpcdl.parallel import batch_ranks
-from hpcdl.parallel.pipeline import balanced_starts, layer_times, peak_alive, schedule, stage_starts, units
+from hpcdl.parallel.pipeline import peak_alive, schedule
+from hpcdl.parallel.stages import balanced_starts, layer_times, stage_starts, units
 
 from conftest import REPO, hpcdl_train, read_summary, run_mpi
 from reference import assert_close_states, reference_train

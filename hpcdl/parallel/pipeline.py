@@ -12,8 +12,6 @@ the last micro-batch's backward.
 
 from __future__ import annotations
 
-import copy
-import time
 from collections import OrderedDict
 from contextlib import nullcontext
 
@@ -30,122 +28,9 @@ from hpcdl.parallel.common import share_of_loss, zero_contribution
 from hpcdl.parallel.data import DataParallel
 from hpcdl.parallel.grid import Grid
 from hpcdl.parallel.p2p import ACTIVATION, GRADIENT, RecvQueue, SendQueue, recv_meta, send_meta
+from hpcdl.parallel.stages import check_layout, layers_of, stage_starts
 
 SCHEDULES = ("gpipe", "1f1b")
-
-
-# ---- cutting the model into stages -------------------------------------------------------------
-
-
-def layers_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The (name, layer) list of a Sequential model, or a clear error for any other model."""
-    if not isinstance(model, nn.Sequential):
-        raise ConfigError(
-            f"parallel.mode = 'pipeline' needs an nn.Sequential model (mlp, cnn, or a factory returning "
-            f"nn.Sequential); {type(model).__name__} is not one: use parallel.mode = 'data'"
-        )
-    return list(model.named_children())
-
-
-def _has_params(layer: nn.Module) -> bool:
-    return any(True for _ in layer.parameters())
-
-
-def units(layers: list[nn.Module]) -> list[int]:
-    """Where a stage may begin: at each layer with parameters but the first (so a ReLU stays with its Linear)."""
-    return [0, *[i for i, layer in enumerate(layers) if _has_params(layer)][1:]]
-
-
-def balanced_starts(weights: list[float], candidates: list[int], stages: int) -> list[int]:
-    """Stage start indices (from `candidates`) that minimise the heaviest stage's total weight."""
-    n = len(weights)
-    bounds = [*candidates, n]
-    unit_weight = [sum(weights[a:b]) for a, b in zip(bounds, bounds[1:])]
-    k = len(unit_weight)
-    prefix = np.concatenate(([0.0], np.cumsum(unit_weight)))
-    # best[s][j]: the lightest possible heaviest stage when the first j units form s stages.
-    best = np.full((stages + 1, k + 1), np.inf)
-    choice = np.zeros((stages + 1, k + 1), dtype=int)
-    best[0][0] = 0.0
-    for s in range(1, stages + 1):
-        for j in range(s, k + 1):
-            for i in range(s - 1, j):
-                cost = max(best[s - 1][i], prefix[j] - prefix[i])
-                if cost < best[s][j]:
-                    best[s][j], choice[s][j] = cost, i
-    starts, j = [], k
-    for s in range(stages, 0, -1):
-        j = choice[s][j]
-        starts.append(candidates[j])
-    return starts[::-1]
-
-
-def layer_times(layers: list[nn.Module], sample: torch.Tensor, repeats: int = 5) -> list[float]:
-    """Median seconds of forward plus backward of each layer on `sample` (one micro-batch).
-
-    Meta-device layers are timed on an allocated copy (any initial values time the same).
-    """
-    layers = [_allocated_copy(i, layer) if is_meta(layer) else layer for i, layer in enumerate(layers)]
-    times = np.zeros((repeats, len(layers)))
-    for r in range(repeats + 1):
-        x = sample
-        for i, layer in enumerate(layers):
-            x = x.detach().requires_grad_(x.is_floating_point())
-            began = time.perf_counter()
-            out = layer(x)
-            out.backward(torch.ones_like(out))
-            if r:  # the first round warms up
-                times[r - 1, i] = time.perf_counter() - began
-            x = out
-        for layer in layers:
-            layer.zero_grad(set_to_none=True)
-    return list(np.median(times, axis=0))
-
-
-def _allocated_copy(index: int, layer: nn.Module) -> nn.Module:
-    copied = copy.deepcopy(layer)
-    materialize([(index, copied)], seed=0)
-    return copied
-
-
-def check_layout(layers: list[nn.Module], stages: int, cuts: list[int] | None) -> None:
-    """A ConfigError saying what would work when the layers cannot make `stages` stages at `cuts`."""
-    n, weighted = len(layers), sum(map(_has_params, layers))
-    if stages > weighted:
-        raise ConfigError(
-            f"parallel.stages = {stages} but the model has only {weighted} layers with parameters "
-            f"(of {n}); use at most {weighted} stages"
-        )
-    if cuts and (len(cuts) != stages - 1 or sorted(set(cuts)) != list(cuts) or cuts[0] < 1 or cuts[-1] >= n):
-        raise ConfigError(
-            f"parallel.cuts = {list(cuts)} must be {stages - 1} increasing layer indices in 1..{n - 1} "
-            f"(where stages 2..{stages} begin); the model's layers: "
-            + ", ".join(f"{i} {type(layer).__name__}" for i, layer in enumerate(layers))
-        )
-    bounds = [0, *(cuts or []), n]
-    for stage, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        if cuts and not any(map(_has_params, layers[a:b])):
-            raise ConfigError(
-                f"parallel.cuts = {list(cuts)} leave stage {stage + 1} (layers {a}..{b - 1}) without parameters"
-            )
-
-
-def stage_starts(
-    layers: list[nn.Module], stages: int, balance: str, cuts: list[int] | None, world: World, sample=None
-) -> list[int]:
-    """Where each stage begins: the named cut points, or balanced by parameters or measured time."""
-    check_layout(layers, stages, cuts)
-    if cuts:
-        return [0, *cuts]
-    candidates = units(layers)  # at least `stages` of them, as check_layout made sure
-    if balance == "time":
-        if sample is None:
-            raise ConfigError("parallel.balance = 'time' needs a sample batch to time the layers on")
-        # Timed on rank 0 only, then shared: every rank must cut at the same places.
-        weights = world.comm.bcast(layer_times(layers, sample) if world.rank == 0 else None, root=0)
-    else:
-        weights = [float(sum(p.numel() for p in layer.parameters())) for layer in layers]
-    return balanced_starts(weights, candidates, stages)
 
 
 # ---- schedules ---------------------------------------------------------------------------------
