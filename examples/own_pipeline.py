@@ -26,11 +26,11 @@ def main() -> None:
 
     world = hpcdl.init()
     _, info = hpcdl.data.open(args.data, "val", args.batch_size)  # the shapes, before the model is built
-    torch.manual_seed(0)
-    model = mlp(info.feature_shape, info.num_classes, hidden=[64, 32])  # any nn.Sequential
-    # One stage per rank; each stage keeps only its layers.
+    with torch.device("meta"):  # shapes only: no rank allocates the whole model
+        model = mlp(info.feature_shape, info.num_classes, hidden=[64, 32])  # any nn.Sequential
+    # One stage per rank; each rank allocates only its stage's layers, layer i initialised from (seed, i).
     pipe = hpcdl.Pipeline(
-        model, stages=world.size, micro_batches=args.micro_batches, schedule=args.schedule, world=world
+        model, stages=world.size, micro_batches=args.micro_batches, schedule=args.schedule, world=world, seed=0
     )
     # Every stage reads the same global batches: the share is the replica's, not the rank's.
     train, _ = hpcdl.data.open(args.data, "train", args.batch_size, data_rank=pipe.data_rank, data_size=pipe.data_size)
