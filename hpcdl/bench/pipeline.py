@@ -99,12 +99,9 @@ def _hpcdl_worker(opts: argparse.Namespace) -> dict[str, Any] | None:
     stages = world.comm.gather(mine, root=0)
     if world.rank:
         return None
-    idle = [1 - s[1] / s[2] for s in stages]
     return {
         "samples_per_s": opts.batch * opts.steps / max(s[0] for s in stages),
-        "bubble": min(idle),
-        "imbalance": float(np.mean(idle)) - min(idle),
-        "idle_per_stage": [round(i, 4) for i in idle],
+        "idle_per_stage": [1 - s[1] / s[2] for s in stages],
         "peak_rss_mib": [round(s[3], 1) for s in stages],
         "peak_alive": [s[4] for s in stages],
     }
@@ -169,6 +166,16 @@ def _single_worker(opts: argparse.Namespace) -> dict[str, Any]:
     return {"samples_per_s": opts.batch * opts.steps / elapsed, "peak_rss_mib": [round(_peak_rss_mib(), 1)]}
 
 
+def _idle_split(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over runs of the bubble (the least idle stage's idle share), the imbalance, and each stage's idle."""
+    idle = np.array([r["idle_per_stage"] for r in runs])
+    return {
+        "bubble": round(median(list(idle.min(axis=1))), 4),
+        "imbalance": round(median(list(idle.mean(axis=1) - idle.min(axis=1))), 4),
+        "idle_per_stage": [round(median(list(column)), 4) for column in idle.T],
+    }
+
+
 def _worker(opts: argparse.Namespace) -> None:
     run = {"hpcdl": _hpcdl_worker, "torch": _torch_worker, "single": _single_worker}[opts.engine.split("-")[0]]
     result = run(opts)
@@ -220,19 +227,20 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         flat[f"{key[e]}_spread"] = round(spread([r["samples_per_s"] for r in results[e]]), 3)
         flat[f"{key[e]}_peak_rss_mib_max"] = max(results[e][-1]["peak_rss_mib"])
     limit = opts.stages * rate["single"] * (1 - theory)
-    for e in ("hpcdl-gpipe", "hpcdl-1f1b"):
-        suffix = "" if e == "hpcdl-gpipe" else "_1f1b"  # the issue's names for GPipe's figures
-        flat[f"bubble_measured{suffix}"] = round(median([r["bubble"] for r in results[e]]), 4)
-        flat[f"imbalance{suffix or '_gpipe'}"] = round(median([r["imbalance"] for r in results[e]]), 4)
-        flat[f"idle_per_stage{suffix or '_gpipe'}"] = [
-            round(median([r["idle_per_stage"][s] for r in results[e]]), 4) for s in range(opts.stages)
-        ]
+    split = {e: _idle_split(results[e]) for e in ("hpcdl-gpipe", "hpcdl-1f1b")}
+    gpipe, one_f1b = split["hpcdl-gpipe"], split["hpcdl-1f1b"]
     flat.update(
         ratio_vs_torch_gpipe=round(rate["hpcdl-gpipe"] / rate["torch-gpipe"], 3),
         ratio_vs_torch_1f1b=round(rate["hpcdl-1f1b"] / rate["torch-1f1b"], 3),
         bubble_theory=round(theory, 4),
-        bubble_vs_theory=round(flat["bubble_measured"] / theory, 3),
-        bubble_vs_theory_1f1b=round(flat["bubble_measured_1f1b"] / theory, 3),
+        bubble_measured=gpipe["bubble"],
+        bubble_measured_1f1b=one_f1b["bubble"],
+        bubble_vs_theory=round(gpipe["bubble"] / theory, 3),
+        bubble_vs_theory_1f1b=round(one_f1b["bubble"] / theory, 3),
+        imbalance_gpipe=gpipe["imbalance"],
+        imbalance_1f1b=one_f1b["imbalance"],
+        idle_per_stage_gpipe=gpipe["idle_per_stage"],
+        idle_per_stage_1f1b=one_f1b["idle_per_stage"],
         limit_samples_per_s=round(limit, 1),
         ratio_vs_limit_1f1b=round(rate["hpcdl-1f1b"] / limit, 3),
         hpcdl_gpipe_peak_alive_first_stage=results["hpcdl-gpipe"][-1]["peak_alive"][0],
@@ -243,11 +251,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         peer = rate["torch-1f1b" if e.endswith("1f1b") else "torch-gpipe"]
         memory = " / ".join(f"{m:,.0f}" for m in results[e][-1]["peak_rss_mib"])
         bubble = imbalance = idle = "-"
-        if e.startswith("hpcdl"):
-            suffix = "_gpipe" if e == "hpcdl-gpipe" else "_1f1b"
-            bubble = f"{100 * median([r['bubble'] for r in results[e]]):.1f}%"
-            imbalance = f"{100 * flat['imbalance' + suffix]:.1f}%"
-            idle = " / ".join(f"{100 * i:.1f}%" for i in flat["idle_per_stage" + suffix])
+        if e in split:
+            bubble, imbalance = f"{100 * split[e]['bubble']:.1f}%", f"{100 * split[e]['imbalance']:.1f}%"
+            idle = " / ".join(f"{100 * i:.1f}%" for i in split[e]["idle_per_stage"])
         rows.append(
             [e, f"{rate[e]:,.0f}", f"±{100 * flat[f'{key[e]}_spread']:.0f}%", f"{rate[e] / peer:.2f}", memory,
              bubble, imbalance, idle]
