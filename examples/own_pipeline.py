@@ -33,7 +33,7 @@ def main() -> None:
         model, stages=world.size, micro_batches=args.micro_batches, schedule=args.schedule, world=world, seed=0
     )
     # Every stage reads the same global batches: the share is the replica's, not the rank's.
-    train, _ = hpcdl.data.open(args.data, "train", args.batch_size, data_rank=pipe.data_rank, data_size=pipe.data_size)
+    train, _ = hpcdl.data.open(args.data, "train", args.batch_size, share=pipe.share)
     optimizer = torch.optim.SGD(pipe.params, lr=args.lr, momentum=0.9)
     timer = hpcdl.metrics.PhaseTimer()
 
@@ -42,7 +42,7 @@ def main() -> None:
         train.set_epoch(epoch)
         sums = torch.zeros(3, dtype=torch.float64)
         for batch in train.batches():  # batches with global_count: the pipeline scales the loss by it
-            sums += torch.tensor(pipe.train_step(batch, timer), dtype=torch.float64)
+            sums += torch.from_numpy(pipe.train_step(batch, timer).vector())
             optimizer.step()
             pipe.zero_grad()
             step += 1

@@ -18,9 +18,8 @@ from torch import nn
 from hpcdl import comm
 from hpcdl.comm import World
 from hpcdl.errors import ConfigError
-from hpcdl.parallel import data as data_parallel
-
-_world: World | None = None
+from hpcdl.parallel.data import broadcast_module
+from hpcdl.parallel.grad_sync import GradSync
 
 
 def init(verbose: bool = False, threads: int | None = None) -> World:
@@ -29,12 +28,9 @@ def init(verbose: bool = False, threads: int | None = None) -> World:
     The World has `rank`, `size`, `local_rank`, `local_size`, `node`, `num_nodes`, `comm`
     (the mpi4py communicator), `split(color)` for sub-communicators, `log(message)` (rank 0
     speaks) and `agree(fn)` (run fn everywhere; if it fails anywhere, every rank exits with
-    its message). Later calls return the same World; the first call's arguments count.
+    its message). Later calls return the same World, the one every part of hpcdl uses.
     """
-    global _world
-    if _world is None:
-        _world = comm.init(verbose=verbose, threads=threads)
-    return _world
+    return comm.init(verbose=verbose, threads=threads)
 
 
 class DataParallel(nn.Module):
@@ -46,6 +42,8 @@ class DataParallel(nn.Module):
     optimizer step that follows is the same on every rank. Inside `with model.no_sync():`
     backward only accumulates locally (gradient accumulation); the next backward outside
     it communicates the accumulated sum. `compression` is "none", "fp16" or "bf16".
+    Parameters of any floating dtype (float64, float32, float16, bfloat16, mixed) are summed
+    in their own dtype's buckets.
     """
 
     def __init__(
@@ -60,25 +58,20 @@ class DataParallel(nn.Module):
         super().__init__()
         self.module = module
         self.world = world or init()
-        self.average = average
         params = [p for p in module.parameters() if p.requires_grad]
-        # Registered before the engine's own hooks, so a fresh .grad is back in its bucket first.
-        for p in params:
-            p.register_post_accumulate_grad_hook(self._keep_in_bucket)
-        self.engine = data_parallel.DataParallel(module, self.world, bucket_mb, overlap, compression)
-        self._bucket_views = {p: p.grad for p in self.engine.params}
+        broadcast_module(self.world, module)
+        scale = 1.0 / self.world.size if average else 1.0
+        self.grads = GradSync(self.world, params, int(bucket_mb * 2**20), compression, overlap=overlap, scale=scale)
         self._finish_queued = False
+        # Registered after the engine's hooks: the sync point is queued once per backward().
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._queue_finish)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped module."""
         return self.module(*args, **kwargs)
 
-    def _keep_in_bucket(self, param: nn.Parameter) -> None:
-        view = self._bucket_views[param]
-        if param.grad.data_ptr() != view.data_ptr():
-            # zero_grad(set_to_none=True) dropped the view; autograd made a new tensor: move it back.
-            view.copy_(param.grad)
-            param.grad = view
+    def _queue_finish(self, param: nn.Parameter) -> None:
         if not self._finish_queued:
             self._finish_queued = True
             # Runs once when this backward() ends: the sync point, as in DDP.
@@ -86,23 +79,17 @@ class DataParallel(nn.Module):
 
     def _finish_backward(self) -> None:
         self._finish_queued = False
-        if not self.engine.sync_enabled:
-            return
-        grads = self.engine.grads
-        grads.start_all_idle()
-        grads.wait()
-        if self.average and self.world.size > 1:
-            for bucket in grads.buckets:
-                bucket.flat.div_(self.world.size)
+        if self.grads.sync_enabled:
+            self.grads.finish()
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
         """Backward inside this block only accumulates gradients locally (no communication)."""
-        with self.engine.no_sync():
+        with self.grads.no_sync():
             yield
 
 
-def _option_keys(tree: dict[str, dict[str, Any]]) -> dict[str, tuple[str, str]]:
+def _option_keys() -> dict[str, tuple[str, str]]:
     """fit's keyword names -> (section, key): every `section_key`, and `key` alone where unambiguous."""
     from hpcdl.config import SECTIONS, Config
 
@@ -120,7 +107,7 @@ def fit_config(data_path: str | Path, config: str | None = None, **options: Any)
 
     base = configs.load(config) if config else configs.Config()
     tree = base.to_dict()
-    keys = _option_keys(tree)
+    keys = _option_keys()
     for name, value in options.items():
         if name not in keys:
             raise ConfigError(

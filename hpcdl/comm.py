@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +21,8 @@ T = TypeVar("T")
 EXIT_ERROR = 2
 # Exit status of a job stopped by SIGTERM/SIGUSR1 after writing a checkpoint (EX_TEMPFAIL: requeue me).
 EXIT_REQUEUE = 75
+# Seconds between printing an abort's cause and MPI_Abort, so the launcher forwards the line first.
+ABORT_GRACE_S = 0.3
 
 
 def mpi():
@@ -75,10 +78,6 @@ class World:
         self.comm.Allreduce(np.ascontiguousarray(values), out, op=mpi().SUM)
         return out
 
-    def sum_in_place(self, array: np.ndarray) -> None:
-        """Replace `array` by its elementwise sum over all ranks (no extra buffer)."""
-        self.comm.Allreduce(mpi().IN_PLACE, array, op=mpi().SUM)
-
     def allreduce_max(self, values: np.ndarray) -> np.ndarray:
         """Elementwise maximum of a vector over all ranks."""
         out = np.empty_like(values)
@@ -104,27 +103,39 @@ class World:
         if failed:
             rank, message = failed[0]
             if self.is_root:
-                where = f" (rank {rank})" if self.size > 1 else ""
+                # The same message from every rank is one cause, not one rank's.
+                where = f" (rank {rank})" if self.size > 1 and len(set(errors)) > 1 else ""
                 print(f"hpcdl: error{where}: {message}", file=sys.stderr, flush=True)
             sys.exit(EXIT_ERROR)
         return result
 
+    def fail_all(self, message: str) -> NoReturn:
+        """End every rank with `message`: for a verdict every rank reached at the same point (see `agree`)."""
+        self.agree(lambda: _raise(HpcdlError(message)))
+        raise AssertionError("agree returns only when nothing failed")  # pragma: no cover
 
-def fail_everywhere(message: str, code: int = EXIT_ERROR) -> None:
-    """End the whole job from one rank: print the cause, then MPI_Abort (never a hang)."""
+
+def _raise(error: Exception) -> NoReturn:
+    raise error
+
+
+def abort(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    """End the whole job from one rank, for the unexpected: print the cause, then MPI_Abort (never a hang)."""
     MPI = mpi()
     rank = MPI.COMM_WORLD.Get_rank()
     prefix = f"hpcdl: error (rank {rank})" if MPI.COMM_WORLD.Get_size() > 1 else "hpcdl: error"
     print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+    # The launcher forwards output asynchronously and drops what is pending when it kills the job.
+    time.sleep(ABORT_GRACE_S)
     MPI.COMM_WORLD.Abort(code)
 
 
 def _abort_on_exception(exc_type, exc, tb) -> None:
     # An uncaught exception on one rank would leave the others in a collective forever.
     if issubclass(exc_type, HpcdlError):
-        fail_everywhere(str(exc))
+        abort(str(exc))
     traceback.print_exception(exc_type, exc, tb)
-    fail_everywhere(f"{exc_type.__name__}: {exc}")
+    abort(f"{exc_type.__name__}: {exc}")
 
 
 def _node_layout(comm) -> tuple[int, int, int, int]:
@@ -158,21 +169,72 @@ def threads_per_rank(local_size: int) -> int:
     return max(1, cores // max(1, local_size))
 
 
+_WORLD: World | None = None  # the one World of this process (see init)
+
+
 def init(verbose: bool = False, threads: int | None = None) -> World:
-    """Start MPI, find this rank's place, set torch threads, and make errors end every rank."""
-    MPI = mpi()
-    comm = MPI.COMM_WORLD
-    sys.excepthook = _abort_on_exception
-    local_rank, local_size, node, num_nodes = _node_layout(comm)
-    torch.set_num_threads(threads or threads_per_rank(local_size))
-    return World(comm, comm.Get_rank(), comm.Get_size(), local_rank, local_size, node, num_nodes, verbose)
+    """Start MPI once per process, find this rank's place, set torch threads, and make errors end every rank.
+
+    Later calls return the same World (the first call's arguments count, except that
+    `verbose` and `threads` given later still apply): the command line, `hpcdl.init`,
+    `hpcdl.horovod.init` and `hpcdl.Pipeline` all share it.
+    """
+    global _WORLD
+    if _WORLD is None:
+        MPI = mpi()
+        comm = MPI.COMM_WORLD
+        sys.excepthook = _abort_on_exception
+        local_rank, local_size, node, num_nodes = _node_layout(comm)
+        torch.set_num_threads(threads or threads_per_rank(local_size))
+        _WORLD = World(comm, comm.Get_rank(), comm.Get_size(), local_rank, local_size, node, num_nodes, verbose)
+        return _WORLD
+    if threads:
+        torch.set_num_threads(threads)
+    _WORLD.verbose = _WORLD.verbose or verbose
+    return _WORLD
+
+
+# torch dtype -> name of the MPI datatype that carries it. The one dtype map: every module asks `mpi_type`.
+# bfloat16 travels as 16-bit words: MPI has no bfloat16 arithmetic, so it can be moved but not summed.
+_MPI_TYPES = {
+    torch.float64: "DOUBLE",
+    torch.float32: "FLOAT",
+    torch.float16: "FLOAT16_T",
+    torch.bfloat16: "INT16_T",
+    torch.int64: "INT64_T",
+    torch.int32: "INT32_T",
+    torch.int16: "INT16_T",
+    torch.int8: "INT8_T",
+    torch.uint8: "UINT8_T",
+    torch.bool: "C_BOOL",
+}
+# Floating dtypes MPI can sum as they are; others are summed in a wider type by the caller.
+SUMMABLE = (torch.float64, torch.float32, torch.float16)
+
+
+def mpi_type(dtype: torch.dtype):
+    """The MPI datatype that carries tensors of `dtype` (bfloat16 as raw 16-bit words)."""
+    name = _MPI_TYPES.get(dtype)
+    kind = getattr(mpi(), name, None) if name else None
+    if kind is None or kind == mpi().DATATYPE_NULL:
+        raise HpcdlError(f"tensors of dtype {dtype} cannot travel through MPI here (supported: {_supported()})")
+    return kind
+
+
+def _supported() -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in _MPI_TYPES)
 
 
 def as_buffer(tensor: torch.Tensor) -> np.ndarray:
-    """A numpy view of a contiguous CPU tensor, to hand to MPI without a copy."""
+    """A numpy view of a contiguous CPU tensor, to hand to MPI without a copy (bfloat16 as its bits)."""
     if not tensor.is_contiguous():
         raise ValueError("MPI buffers must be contiguous tensors")
     if tensor.dtype == torch.bfloat16:
         # numpy has no bfloat16: reinterpret the bits; only valid for copies, not reductions.
         return tensor.view(torch.int16).numpy()
     return tensor.numpy()
+
+
+def buffer(tensor: torch.Tensor) -> list:
+    """[memory, MPI datatype] of a contiguous CPU tensor: what mpi4py's upper-case calls take."""
+    return [as_buffer(tensor), mpi_type(tensor.dtype)]

@@ -17,7 +17,7 @@ class DataConfig:
     """Where samples come from and how they are split across ranks."""
 
     path: str = ""
-    partition: str = "global"  # global | block | columns (mlp: each rank reads its feature columns)
+    partition: str = "global"  # global | block (how rows are dealt to ranks); "columns" is parallel.mode now
     cache_mb: float = 1024.0  # a rank caches what it reads when it fits this budget
     prefetch: int = 2  # batches read ahead by a background thread; 0 = synchronous
     scan: bool = False  # scan features for NaN/Inf before training
@@ -28,6 +28,14 @@ class DataConfig:
         _choice("data.partition", self.partition, ("global", "block", "columns"))
         _need(self.cache_mb >= 0, "data.cache_mb", "must be >= 0")
         _need(self.prefetch >= 0, "data.prefetch", "must be >= 0")
+
+
+# The built-in model families (hpcdl.models builds them and asserts the two lists are equal).
+MODEL_NAMES = ("mlp", "cnn", "rnn")
+# Floating-point types a model may train in (hpcdl.models.torch_dtype maps them).
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+# Ways of splitting the work (hpcdl.parallel makes the strategy of each).
+MODES = ("data", "pipeline", "tensor", "columns")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -41,24 +49,24 @@ class ModelConfig:
     cell: str = "lstm"  # rnn: lstm | gru
     rnn_hidden: int = 64
     rnn_layers: int = 1
+    dtype: str = "float32"  # parameters of the built-in models, and the features fed to any model
     factory: str = ""  # "package.module:function" building your own model (see hpcdl.models.from_factory)
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the factory
 
     def check(self) -> None:
-        from hpcdl.models import MODELS
-
         if self.factory:
             module, sep, function = self.factory.partition(":")
             shape = f"= {self.factory!r} must look like 'package.module:function'"
             _need(bool(sep and module and function), "model.factory", shape)
         else:
             _need(not self.kwargs, "model.kwargs", "are only used with model.factory")
-        _choice("model.name", self.name, tuple(MODELS))
+        _choice("model.name", self.name, MODEL_NAMES)
         _need(all(h > 0 for h in self.hidden), "model.hidden", "sizes must be positive")
         _need(all(c > 0 for c in self.channels), "model.channels", "sizes must be positive")
         _need(self.fc > 0 and self.rnn_hidden > 0, "model.fc/rnn_hidden", "must be positive")
         _need(self.rnn_layers > 0, "model.rnn_layers", "must be positive")
         _choice("model.cell", self.cell, ("lstm", "gru"))
+        _choice("model.dtype", self.dtype, DTYPES)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -109,7 +117,7 @@ class RunConfig:
 class ParallelConfig:
     """How the work is split across ranks."""
 
-    mode: str = "data"
+    mode: str = "data"  # data | pipeline | tensor | columns (mlp: each rank reads its feature columns)
     bucket_mb: float = 25.0  # gradient bucket size: one Iallreduce per bucket
     overlap: bool = True  # start each bucket's Allreduce during backward
     compression: str = "none"  # none | fp16 | bf16: gradients' type on the wire
@@ -123,14 +131,11 @@ class ParallelConfig:
     tensor: int = 1  # tensor: ranks each MLP layer pair is split over
 
     def check(self) -> None:
-        _choice("parallel.mode", self.mode, ("data", "pipeline", "tensor"))
+        _choice("parallel.mode", self.mode, MODES)
         for key in ("stages", "micro_batches", "replicas", "tensor"):
             _need(getattr(self, key) >= 1, f"parallel.{key}", "must be >= 1")
         _choice("parallel.schedule", self.schedule, ("gpipe", "1f1b"))
         _choice("parallel.balance", self.balance, ("params", "time"))
-        if self.cuts:
-            _need(len(self.cuts) == self.stages - 1, "parallel.cuts", f"must name {self.stages - 1} layer indices")
-            _need(self.cuts == sorted(set(self.cuts)) and self.cuts[0] >= 1, "parallel.cuts", "must increase from 1")
         _need(self.bucket_mb > 0, "parallel.bucket_mb", "must be positive")
         _choice("parallel.compression", self.compression, ("none", "fp16", "bf16"))
         _need(self.accumulate_steps >= 1, "parallel.accumulate_steps", "must be >= 1")
@@ -147,6 +152,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     source: str = ""  # where it came from (file or named config), for logs and checkpoints
     folder: str = ""  # the config file's folder: where model.factory's module is also looked for
+    notes: list[str] = field(default_factory=list)  # said once at start (e.g. a deprecated key)
 
     def check(self) -> Config:
         """Validate every section; raise ConfigError naming the first bad key."""
@@ -158,8 +164,16 @@ class Config:
             ("run.checkpoint_every", self.run.checkpoint_every),
         ):
             _need(value % steps == 0, key, f"must be a multiple of parallel.accumulate_steps = {steps}")
-        columns_ok = self.data.partition != "columns" or self.parallel.mode == "data"
-        _need(columns_ok, "data.partition", f"= 'columns' needs parallel.mode = 'data', not {self.parallel.mode!r}")
+        if self.data.partition == "columns":
+            # The old spelling of column splitting: still accepted, said once at start (see hpcdl.train).
+            mode = self.parallel.mode
+            _need(
+                mode in ("data", "columns"),
+                "data.partition",
+                f"= 'columns' needs parallel.mode = 'columns', not {mode!r}",
+            )
+            self.data.partition, self.parallel.mode = "global", "columns"
+            self.notes.append("data.partition = 'columns' is deprecated: use parallel.mode = 'columns'")
         return self
 
     def to_dict(self) -> dict[str, Any]:

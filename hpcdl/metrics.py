@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from hpcdl import trace
 from hpcdl.comm import World
@@ -87,3 +88,72 @@ class JsonlLog:
             return
         with self.path.open("a") as out:
             out.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+
+class StepClock:
+    """Steps' wall time and samples after the first `warmup` steps, and the phase split of those steps."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.seen = warmup, 0
+        self.timer = PhaseTimer()
+        self.steps, self.samples, self.seconds = 0, 0, 0.0
+        self.mark = time.perf_counter()
+
+    def restart(self) -> None:
+        """A step begins after something that is not a step (evaluation, a checkpoint): time from here."""
+        self.mark = time.perf_counter()
+
+    def step_done(self, samples: int) -> None:
+        """One step ended just now; it counts once the warm-up steps are past."""
+        now = time.perf_counter()
+        self.seen += 1
+        if self.seen > self.warmup:
+            self.steps, self.samples, self.seconds = (
+                self.steps + 1,
+                self.samples + samples,
+                self.seconds + now - self.mark,
+            )
+        else:
+            self.timer.reset()
+        self.mark = now
+
+    def figures(self, world: World) -> dict[str, Any]:
+        """samples/s, ms per step and the per-phase split, over the slowest rank (a step waits for it)."""
+        split = slowest_rank_split(world, self.timer, self.steps)
+        seconds = float(world.allreduce_max(np.array([self.seconds]))[0])
+        return {
+            "steps": self.steps,
+            "samples_per_s": self.samples / seconds if seconds > 0 else 0.0,
+            "step_ms": 1000.0 * seconds / max(1, self.steps),
+            "ms_per_step": split,
+        }
+
+
+def run_summary(world: World, clock: StepClock, history: dict[str, Any], elapsed: float, **run: Any) -> dict[str, Any]:
+    """A run's summary (the same on every rank): the last epoch's figures, timing, resources and `run`'s
+    figures (global_batch, params, comm_bytes_per_step, param_digest, ...); rank 0 prints the time split."""
+    figures = clock.figures(world)
+    digest = run.pop("param_digest")
+    threads = torch.get_num_threads()
+    summary = {
+        **history,
+        "ranks": world.size,
+        "threads_per_rank": threads,
+        "steps": figures["steps"],
+        "warmup_steps": run.pop("warmup_steps"),
+        "global_batch": run.pop("global_batch"),
+        "params": run.pop("params"),
+        "samples_per_s": figures["samples_per_s"],
+        "elapsed_s": elapsed,
+        "step_ms": figures["step_ms"],
+        "ms_per_step": figures["ms_per_step"],
+        **run,
+        **resource_figures(world, threads),
+        "param_digests": world.comm.allgather(digest),
+    }
+    split = figures["ms_per_step"]
+    world.log(
+        f"done: {figures['steps']} steps in {elapsed:.1f} s, {summary['samples_per_s']:,.0f} samples/s; "
+        "time per step (ms, slowest rank): " + "  ".join(f"{p} {split[p]:.2f}" for p in PHASES)
+    )
+    return summary

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpcdl.config import ModelConfig
+from hpcdl.config import DTYPES, MODEL_NAMES, ModelConfig
 from hpcdl.errors import ConfigError
 
 
@@ -71,6 +71,7 @@ MODELS: dict[str, Builder] = {
     "cnn": lambda cfg, shape, classes: CNN(shape, cfg.channels, cfg.fc, classes),
     "rnn": lambda cfg, shape, classes: RNN(shape, cfg.cell, cfg.rnn_hidden, cfg.rnn_layers, classes),
 }
+assert tuple(MODELS) == MODEL_NAMES, "config.MODEL_NAMES lists the models built here"
 SEQUENTIAL = ("mlp", "cnn")  # built layer by layer, so a pipeline stage can build only its own
 
 
@@ -139,6 +140,12 @@ def is_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a `model.dtype` name (float32, float64, bfloat16, float16)."""
+    assert name in DTYPES, name
+    return getattr(torch, name)
+
+
 def build(
     cfg: ModelConfig,
     feature_shape: tuple[int, ...],
@@ -146,20 +153,22 @@ def build(
     seed: int,
     folder: str = "",
     device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Build the named model (or `cfg.factory`'s) with the dataset's shapes; the seed makes every rank's copy equal.
 
-    The MLP and CNN are built layer by layer from `seed` (see `materialize`); with
+    The MLP and CNN are built layer by layer from `seed` (see `materialize`), in `dtype`; with
     `device="meta"` they come back unallocated, for a pipeline stage to allocate only
-    its own layers. A factory's model and the RNN are built whole, on the CPU.
+    its own layers. A factory's model is built as the factory writes it (its own dtypes);
+    the RNN is built whole, on the CPU.
     """
     torch.manual_seed(seed)
     if cfg.factory:
         return from_factory(cfg.factory, tuple(feature_shape), num_classes, cfg.kwargs, folder)
     if cfg.name not in SEQUENTIAL:
-        return MODELS[cfg.name](cfg, tuple(feature_shape), num_classes)
+        return MODELS[cfg.name](cfg, tuple(feature_shape), num_classes).to(dtype)
     with torch.device("meta"):
-        model = MODELS[cfg.name](cfg, tuple(feature_shape), num_classes)
+        model = MODELS[cfg.name](cfg, tuple(feature_shape), num_classes).to(dtype)
     if device != "meta":
         materialize(enumerate(model), seed)
     return model

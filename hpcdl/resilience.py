@@ -14,12 +14,12 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
-from typing import NoReturn
 
 import numpy as np
 import torch
 
-from hpcdl.comm import EXIT_ERROR, World, mpi
+from hpcdl.comm import World, mpi
+from hpcdl.parallel.strategy import Strategy
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -85,15 +85,6 @@ class Verdict:
     stop_signal: str | None = None
 
 
-def parameter_names(strategy) -> list[str]:
-    """Names of the strategy's parameters, for messages (positions when the model is not at hand)."""
-    model = getattr(strategy, "model", None)
-    if model is not None:
-        names = {id(p): name for name, p in model.named_parameters()}
-        return [names.get(id(p), f"parameter #{i}") for i, p in enumerate(strategy.params)]
-    return [f"parameter #{i}" for i in range(len(strategy.params))]
-
-
 def first_nonfinite(params: list[torch.nn.Parameter], names: list[str]) -> str:
     """The first parameter whose gradient holds NaN or Inf, with the kind found."""
     for name, p in zip(names, params):
@@ -102,27 +93,19 @@ def first_nonfinite(params: list[torch.nn.Parameter], names: list[str]) -> str:
     return "none"
 
 
-def fail_together(world: World, message: str) -> NoReturn:
-    """End every rank with `message`: only for verdicts every rank reached at once (none is left waiting)."""
-    if world.is_root:
-        print(f"hpcdl: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_ERROR)
-
-
 class StepGuard:
     """The per-step agreement (stop request, NaN/Inf) and the every-K-steps replica check."""
 
-    def __init__(self, world: World, strategy, nan_policy: str = "abort", check_every: int = 0):
+    def __init__(self, world: World, strategy: Strategy, nan_policy: str = "abort", check_every: int = 0):
         self.world, self.strategy, self.nan_policy = world, strategy, nan_policy
-        self.names = parameter_names(strategy)
+        self.names = strategy.param_names
         self.signals = StopSignals()
-        self.skipped = 0
         # Replicas can be compared only when every rank holds the whole model (data parallel).
-        self.check_every = check_every if strategy.data_size == world.size else 0
+        self.check_every = check_every if strategy.replicated else 0
         self.flags = np.zeros(3)
 
-    def after_sync(self, step: int, loss_sum: float) -> Verdict:
-        """After the gradient sync, before the optimizer: one Allreduce decides for all ranks."""
+    def after_sync(self, step: int, loss_sum: float, skipped: int) -> Verdict:
+        """After the gradient sync, before the optimizer: one Allreduce decides for all ranks (`skipped` so far)."""
         grads = [p.grad for p in self.strategy.params if p.grad is not None]
         # A sum is the cheapest pass that NaN/Inf reach (~0.1 ms for 1.9 M gradients); only when it is
         # not finite (or a huge finite gradient overflowed it) is each element looked at.
@@ -143,9 +126,8 @@ class StepGuard:
             f"{first_nonfinite(self.strategy.params, self.names)}"
         )
         if self.nan_policy == "abort":
-            fail_together(self.world, f"{cause}; set run.nan_policy = 'skip' to skip such steps")
-        self.skipped += 1
-        self.world.log(f"hpcdl: step {step} skipped on all ranks: {cause} ({self.skipped} skipped so far)")
+            self.world.fail_all(f"{cause}; set run.nan_policy = 'skip' to skip such steps")
+        self.world.log(f"hpcdl: step {step} skipped on all ranks: {cause} ({skipped + 1} skipped so far)")
         return Verdict(False, stop_signal)
 
     def check_replicas(self, step: int) -> None:
@@ -163,8 +145,7 @@ class StepGuard:
         # Every rank saw the same difference, so this extra collective is matched everywhere.
         per_rank = self.world.comm.allgather(int(sums[first]))
         odd = [r for r, value in enumerate(per_rank) if value != per_rank[0]]
-        fail_together(
-            self.world,
+        self.world.fail_all(
             f"replicas diverged at step {step}: first differing tensor {self.names[first]} "
             f"(rank(s) {', '.join(map(str, odd))} differ from rank 0; {len(differing)} tensor(s) differ)",
         )

@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Any
 
-from hpcdl.comm import EXIT_ERROR, World, mpi
+from hpcdl.comm import World, abort, mpi
 from hpcdl.metrics import PhaseTimer
 
 REPORT_TAG = 7
@@ -74,20 +74,16 @@ class Watchdog:
         request = self.side.isend(self._report(), dest=0, tag=REPORT_TAG)
         if self.world.is_root:
             reports = self._collect()
-            print(describe(reports, self.world.size, self.limit_s), file=sys.stderr, flush=True)
-            mpi().COMM_WORLD.Abort(EXIT_ERROR)
+            abort(describe(reports, self.world.size, self.limit_s))
         # Rank 0 ends the job; if it cannot (dead or wedged), this rank does after a longer wait.
         deadline = time.monotonic() + 3 * self.grace_s
         while time.monotonic() < deadline and not request.Test():
             time.sleep(0.05)
         time.sleep(max(0.0, deadline - time.monotonic()))
-        print(
-            f"hpcdl: error (rank {self.world.rank}): watchdog: step {self.step} did not finish within "
-            f"{self.limit_s:g} s and rank 0 did not report; ending the job",
-            file=sys.stderr,
-            flush=True,
+        abort(
+            f"watchdog: step {self.step} did not finish within {self.limit_s:g} s "
+            "and rank 0 did not report; ending the job"
         )
-        mpi().COMM_WORLD.Abort(EXIT_ERROR)
 
     def _collect(self) -> dict[int, dict[str, Any]]:
         """Reports from every rank that can still send one, for up to grace_s."""
@@ -109,7 +105,7 @@ def describe(reports: dict[int, dict[str, Any]], size: int, limit_s: float) -> s
     silent = [rank for rank in range(size) if rank not in reports]
     stuck = sorted(rank for rank in reports if rank not in arrived) + silent
     lines = [
-        f"hpcdl: error: watchdog: step {step} did not finish within {limit_s:g} s; "
+        f"watchdog: step {step} did not finish within {limit_s:g} s; "
         f"rank(s) {', '.join(map(str, sorted(stuck))) or 'none'} did not arrive at the step's communication"
         + (f" (rank(s) {', '.join(map(str, arrived))} were waiting in it)" if arrived else "")
     ]

@@ -27,17 +27,29 @@ def plain_mlp(hidden: list[int]) -> Builder:
 
 
 def reference_train(
-    path, model_cfg: ModelConfig | Builder, *, seed: int, batch: int, steps: int, lr: float, momentum: float = 0.9
+    path,
+    model_cfg: ModelConfig | Builder,
+    *,
+    seed: int,
+    batch: int,
+    steps: int,
+    lr: float,
+    momentum: float = 0.9,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """SGD on the whole global batch in one process; sample order from (seed, epoch) as documented.
 
-    `model_cfg` is a config hpcdl builds the model from, or a user's own builder (`plain_mlp`).
+    `model_cfg` is a config hpcdl builds the model from (in `dtype`), or a user's own builder
+    (`plain_mlp`); the features are fed in `dtype`.
     """
     with h5py.File(path, "r") as f:
-        x, y = torch.from_numpy(f["train/x"][:]), torch.from_numpy(f["train/y"][:])
+        x, y = torch.from_numpy(f["train/x"][:]).to(dtype), torch.from_numpy(f["train/y"][:])
         classes = int(f.attrs["num_classes"])
     shape = tuple(x.shape[1:])
-    model = model_cfg(shape, classes, seed) if callable(model_cfg) else build(model_cfg, shape, classes, seed)
+    if callable(model_cfg):
+        model = model_cfg(shape, classes, seed)
+    else:
+        model = build(model_cfg, shape, classes, seed, dtype=dtype)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     done, epoch = 0, 0
     while done < steps:

@@ -6,7 +6,7 @@ import pytest
 from hpcdl import checkpoint
 from hpcdl.config import ModelConfig
 from hpcdl.data import make
-from hpcdl.parallel.columns import column_range
+from hpcdl.data.partition import block_range
 
 from conftest import hpcdl_train
 from reference import assert_close_states, reference_train
@@ -28,7 +28,7 @@ def train_columns(ranks, data, run_dir, steps, *sets, extra=()):
         "synthetic-mlp",
         f"data.path='{data}'",
         f"run.dir='{run_dir}'",
-        "data.partition='columns'",
+        "parallel.mode='columns'",
         f"model.hidden={MODEL.hidden}",
         f"train.batch_size={BATCH}",
         f"train.max_steps={steps}",
@@ -42,7 +42,7 @@ def train_columns(ranks, data, run_dir, steps, *sets, extra=()):
 
 def test_column_range_covers_every_feature_once():
     for features, size in ((23, 2), (23, 4), (7, 7), (100, 3)):
-        ranges = [column_range(features, r, size) for r in range(size)]
+        ranges = [block_range(features, r, size) for r in range(size)]
         assert ranges[0][0] == 0 and ranges[-1][1] == features
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
         assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
@@ -66,10 +66,12 @@ def test_columns_match_unsplit_model_and_resume_across_rank_counts(wide, tmp_pat
     assert_close_states(resumed["model"], expected)
 
 
-def test_columns_at_two_ranks_from_scratch(wide, tmp_path):
-    result = train_columns(2, wide, tmp_path, 12)
+def test_columns_at_three_ranks_from_scratch_with_the_old_spelling(wide, tmp_path):
+    # 23 columns over 3 ranks: 8 + 8 + 7; data.partition = 'columns' still works, and says what to use now.
+    result = train_columns(3, wide, tmp_path, 12, "parallel.mode='data'", "data.partition='columns'")
     assert result.returncode == 0, result.stderr
-    assert "partition columns" in result.stdout
+    assert "parallel.mode columns" in result.stdout
+    assert result.stdout.count("data.partition = 'columns' is deprecated: use parallel.mode = 'columns'") == 1
     state = checkpoint.load(checkpoint.resolve("latest", tmp_path))
     assert_close_states(state["model"], reference_train(wide, MODEL, seed=0, batch=BATCH, steps=12, lr=LR))
     with h5py.File(wide) as f:

@@ -76,6 +76,13 @@ def test_without_mpi_the_refusals_and_compression_behave():
         hvd.rank()
     with pytest.raises(AttributeError):
         _ = hvd.no_such_function
+    # DistributedOptimizer options hpcdl would otherwise ignore are refused before any communication.
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+    for option in ({"num_groups": 2}, {"groups": 2}):
+        with pytest.raises(HpcdlError, match=f"{next(iter(option))}=.* is not offered.*HOROVOD_FUSION_THRESHOLD"):
+            hvd.DistributedOptimizer(optimizer, **option)
+    with pytest.raises(HpcdlError, match="gradient_predivide_factor applies to op=hvd.Average only"):
+        hvd.DistributedOptimizer(optimizer, op=hvd.Sum, gradient_predivide_factor=2.0)
     tensor = torch.linspace(-2, 2, 7, dtype=torch.float64)
     wire, ctx = hvd.Compression.fp16.compress(tensor)
     assert wire.dtype == torch.float16

@@ -70,7 +70,6 @@ def test_fit_runs_the_command_lines_loop(datasets, tmp_path):
 
 def test_pipeline_example_matches_one_process(datasets, tmp_path):
     """examples/own_pipeline.py: a user's nn.Sequential over 2 stages == the unsplit model in one process."""
-    pytest.importorskip("hpcdl.parallel.pipeline", reason="hpcdl.Pipeline (parallel/pipeline.py) not in this tree yet")
     result = run_mpi(
         2,
         str(EXAMPLES / "own_pipeline.py"),

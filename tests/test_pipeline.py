@@ -16,9 +16,9 @@ from hpcdl.comm import World
 from hpcdl.config import ModelConfig
 from hpcdl.errors import ConfigError
 from hpcdl.models import MLP, build, is_meta, materialize
-from hpcdl.parallel import batch_ranks
-from hpcdl.parallel.pipeline import peak_alive, schedule
-from hpcdl.parallel.stages import balanced_starts, layer_times, stage_starts, units
+from hpcdl.parallel.layout import Layout
+from hpcdl.parallel.pipeline.schedule import peak_alive, schedule
+from hpcdl.parallel.pipeline.stages import balanced_starts, layer_times, stage_starts, units
 
 from conftest import REPO, hpcdl_train, read_summary, run_mpi
 from reference import assert_close_states, reference_train
@@ -51,13 +51,13 @@ def test_cuts_balance_parameters_and_name_the_fix():
     with torch.device("meta"):  # timed on allocated copies, one layer at a time
         timed = [torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 512), torch.nn.Linear(512, 512)]
     seconds = layer_times(timed, torch.randn(256, 64))
-    assert len(seconds) == 4 and seconds[3] > seconds[0] > 0
+    assert len(seconds) == 4 and all(s > 0 for s in seconds)  # measured: no assertion on which is slower
     assert all(p.is_meta for layer in timed for p in layer.parameters())
-    assert balanced_starts(seconds, units(timed), 2) == [0, 3]
+    assert balanced_starts([1.0, 0.0, 2.0, 16.0], units(timed), 2) == [0, 3]  # the heaviest layer alone
     with pytest.raises(ConfigError, match="only 8 layers with parameters .of 16.; use at most 8 stages"):
-        stage_starts(layers, 9, "params", None, world)
+        Layout("pipeline", 9, stages=9).check_stages(layers)
     with pytest.raises(ConfigError, match=r"parallel.cuts = \[16\] must be 1 increasing layer indices in 1..15"):
-        stage_starts(layers, 2, "params", [16], world)
+        Layout("pipeline", 2, stages=2, cuts=(16,)).check_stages(layers)
 
 
 @pytest.mark.parametrize("model", [MODEL, ModelConfig(name="cnn", channels=[4, 8], fc=16)])
@@ -150,15 +150,18 @@ def test_layout_checks_say_what_would_work():
     def cfg(*sets):
         return config.load("digits-mlp", [f"train.batch_size={BATCH}", *sets])
 
-    assert batch_ranks(cfg("parallel.mode='pipeline'", "parallel.stages=2", "parallel.replicas=2"), 4) == 2
+    def layout(sets, world_size):
+        return Layout.from_config(cfg(*sets), world_size)
+
+    assert layout(("parallel.mode='pipeline'", "parallel.stages=2", "parallel.replicas=2"), 4).replicas == 2
     with pytest.raises(ConfigError, match="needs 2 ranks, but the job has 4; use --set parallel.replicas=2"):
-        batch_ranks(cfg("parallel.mode='pipeline'", "parallel.stages=2"), 4)
+        layout(("parallel.mode='pipeline'", "parallel.stages=2"), 4)
     with pytest.raises(ConfigError, match="needs 3 ranks, but the job has 4; run on a multiple of 3"):
-        batch_ranks(cfg("parallel.mode='pipeline'", "parallel.stages=3"), 4)
+        layout(("parallel.mode='pipeline'", "parallel.stages=3"), 4)
     with pytest.raises(ConfigError, match="split into 1 replica.s. x 5 micro-batches; use a multiple of 5 .e.g. 45."):
-        batch_ranks(cfg("parallel.mode='pipeline'", "parallel.stages=2", "parallel.micro_batches=5"), 2)
+        layout(("parallel.mode='pipeline'", "parallel.stages=2", "parallel.micro_batches=5"), 2)
     with pytest.raises(ConfigError, match="parallel.stages is only used with parallel.mode = 'pipeline'"):
-        batch_ranks(cfg("parallel.stages=2"), 2)
+        layout(("parallel.stages=2",), 2)
     with pytest.raises(ConfigError, match="parallel.schedule = 'zigzag' is not one of gpipe, 1f1b"):
         cfg("parallel.schedule='zigzag'")
 

@@ -10,7 +10,8 @@ from hpcdl.comm import World
 from hpcdl.config import ModelConfig
 from hpcdl.errors import ConfigError
 from hpcdl.models import MLP
-from hpcdl.parallel.tensor import ColumnParallelLinear, RowParallelLinear, tensor_parallel_mlp
+from hpcdl.parallel.tensor.layers import ColumnParallelLinear, RowParallelLinear
+from hpcdl.parallel.tensor.strategy import tensor_parallel_mlp
 
 from conftest import REPO, hpcdl_train, run_mpi
 from reference import assert_close_states, reference_train

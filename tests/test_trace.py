@@ -6,7 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from hpcdl.parallel.pipeline import schedule
+from hpcdl.parallel.pipeline.schedule import schedule
 
 from conftest import hpcdl_train, run_mpi
 

@@ -25,11 +25,12 @@ LAYER_SHAPES = [(1024, 1024)] * 12 + [(4096, 1024)] * 3 + [(1024,)] * 24
 
 def _worker(args: argparse.Namespace) -> None:
     from hpcdl import comm
-    from hpcdl.parallel.buckets import GradBuckets
+    from hpcdl.parallel.grad_sync import GradSync
 
     world = comm.init(threads=1)
     params = [nn.Parameter(torch.empty(shape)) for shape in LAYER_SHAPES]
-    grads = GradBuckets(world, params, int(args.bucket_mb * 2**20), args.compression)
+    # overlap off: the timed sync starts every bucket itself, as a step's finish() does after backward.
+    grads = GradSync(world, params, int(args.bucket_mb * 2**20), args.compression, overlap=False)
     for p in params:
         p.grad.fill_(1.0)
     single = torch.ones(sum(p.numel() for p in params))
@@ -37,9 +38,7 @@ def _worker(args: argparse.Namespace) -> None:
     MPI = comm.mpi()
 
     def bucketed() -> None:
-        for bucket in grads.buckets:
-            grads.start(bucket)
-        grads.wait()
+        grads.finish()
 
     def one_buffer() -> None:
         world.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)

@@ -113,7 +113,7 @@ def _torch_worker(opts: argparse.Namespace) -> dict[str, Any] | None:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     from hpcdl.comm import World
-    from hpcdl.parallel.stages import stage_starts
+    from hpcdl.parallel.pipeline.stages import stage_starts
 
     torch.set_num_threads(opts.threads)
     dist.init_process_group("gloo")

@@ -10,6 +10,7 @@ if TYPE_CHECKING:  # imported lazily: `python -m hpcdl data ...` must not start 
 
     from hpcdl.comm import World
     from hpcdl.data.loader import Batch, Loader
+    from hpcdl.data.partition import DataShare
     from hpcdl.data.schema import DatasetInfo
 
 PARTITIONS = ("global", "block")
@@ -68,15 +69,14 @@ def open(  # noqa: A001 - hpcdl.data.open, like h5py.File / builtins.open for a 
     prefetch: int = 2,
     cache_mb: float = 1024.0,
     world: World | None = None,
-    data_rank: int | None = None,
-    data_size: int | None = None,
+    share: DataShare | None = None,
 ) -> tuple[RankLoader, DatasetInfo]:
     """This rank's loader for `split` of an hpcdl HDF5 file, and the file's metadata.
 
     `batch_size` is the global batch (over all ranks); each rank gets its share.
-    `shuffle` defaults to True for "train", False otherwise. `data_rank`/`data_size` (default
-    the world's rank and size) name this rank's share when several ranks read the same
-    batches, e.g. a pipeline's stages: `data_rank=pipe.data_rank, data_size=pipe.data_size`.
+    `shuffle` defaults to True for "train", False otherwise. `share` (default: the world's
+    rank of its size) names this rank's share when several ranks read the same batches,
+    e.g. a pipeline's stages: `share=pipe.share` (a strategy's `DataShare`, columns included).
     A bad file or argument ends
     every rank with one message (the check runs before any collective that depends on it).
     """
@@ -95,12 +95,13 @@ def open(  # noqa: A001 - hpcdl.data.open, like h5py.File / builtins.open for a 
     part = Partition(
         info.sizes[split],
         batch_size,
-        world.rank if data_rank is None else data_rank,
-        world.size if data_size is None else data_size,
+        world.rank if share is None else share.rank,
+        world.size if share is None else share.size,
         seed,
         partition,
         shuffle=split == "train" if shuffle is None else shuffle,
         drop_last=drop_last,
     )
-    reader = world.agree(lambda: SplitReader(path, split, part.owned_range(), cache_mb * 2**20))
+    columns = share.columns if share is not None else None
+    reader = world.agree(lambda: SplitReader(path, split, part.owned_range(), cache_mb * 2**20, columns))
     return RankLoader(Loader(reader, part, prefetch)), info

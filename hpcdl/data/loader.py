@@ -176,15 +176,19 @@ class SplitReader:
 class Loader:
     """Iterates a rank's batches for an epoch, reading ahead in a background thread."""
 
-    def __init__(self, reader: SplitReader, partition: Partition, prefetch: int = 2):
+    def __init__(self, reader: SplitReader, partition: Partition, prefetch: int = 2, dtype: torch.dtype | None = None):
         self.reader, self.partition, self.prefetch = reader, partition, prefetch
+        self.dtype = dtype  # the model's input dtype: features are converted here, in the prefetch thread
 
     def __len__(self) -> int:
         return self.partition.steps_per_epoch()
 
     def _load(self, plan: StepPlan) -> Batch:
         x, y = self.reader.read(plan.local)
-        return Batch(torch.from_numpy(x), torch.from_numpy(y), plan.global_count)
+        features = torch.from_numpy(x)
+        if self.dtype is not None and features.dtype != self.dtype:
+            features = features.to(self.dtype)
+        return Batch(features, torch.from_numpy(y), plan.global_count)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Batches of `epoch` from `start_step` on; `wait_s` says how long each one was waited for."""

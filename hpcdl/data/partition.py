@@ -10,9 +10,9 @@ The local shuffle is windowed: windows of WINDOW_BATCHES local batches of
 consecutive rows are visited in a random order, rows shuffled within each, so a
 streaming reader reads each window once, sequentially.
 
-`columns` (data.partition = "columns"): every rank reads every sample of each
-global batch, only its own feature columns; rows are planned as `global` with one
-data rank (the strategy reports data_size 1).
+Column splitting (parallel.mode = "columns") reads every sample of each global batch
+on every rank, only its own feature columns: its rows are planned as `global` with
+one data share (the strategy's DataShare has size 1).
 
 Either way every sample is used exactly once per epoch. With `drop_last`, the
 final partial global batch (`global`) or each block's tail beyond
@@ -30,6 +30,15 @@ WINDOW_BATCHES = 8
 
 
 @dataclass(frozen=True)
+class DataShare:
+    """Which data a rank reads: share `rank` of the `size` shares of each global batch, and its feature columns."""
+
+    rank: int
+    size: int
+    columns: tuple[int, int] | None = None  # [c0, c1) of every sample's features; None: all of them
+
+
+@dataclass(frozen=True)
 class StepPlan:
     """One step for one rank: the indices it reads, and the size of the whole global batch."""
 
@@ -37,11 +46,22 @@ class StepPlan:
     global_count: int
 
 
-def _piece_sizes(length: int, parts: int) -> np.ndarray:
-    """Sizes of np.array_split(range(length), parts): the remainder goes to the first parts."""
+def block_sizes(length: int, parts: int) -> np.ndarray:
+    """Sizes of np.array_split(range(length), parts): the remainder goes to the first parts.
+
+    The one way hpcdl cuts anything into contiguous blocks: rows over ranks, feature
+    columns over column ranks, a Linear's features over tensor ranks.
+    """
     sizes = np.full(parts, length // parts, dtype=np.int64)
     sizes[: length % parts] += 1
     return sizes
+
+
+def block_range(length: int, index: int, parts: int) -> tuple[int, int]:
+    """[start, stop) of block `index` when `length` items are cut into `parts` blocks (see block_sizes)."""
+    base, extra = divmod(length, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
 
 
 class Partition:
@@ -59,10 +79,8 @@ class Partition:
         drop_last: bool = False,
     ):
         self.n, self.batch_size, self.rank, self.size = n, batch_size, rank, size
-        # `columns` splits features, not samples: its rows are planned like `global` (with size 1).
-        scheme = "global" if scheme == "columns" else scheme
         self.seed, self.scheme, self.shuffle, self.drop_last = seed, scheme, shuffle, drop_last
-        self.blocks = _piece_sizes(n, size)
+        self.blocks = block_sizes(n, size)
         self.block_start = int(self.blocks[:rank].sum())
 
     def steps_per_epoch(self) -> int:
@@ -104,7 +122,7 @@ class Partition:
         else:
             pieces = np.array_split(order, steps)
             # Every rank's piece s has a size known from block lengths alone: no communication.
-            per_rank = np.stack([_piece_sizes(int(b), steps) for b in self.blocks])
+            per_rank = np.stack([block_sizes(int(b), steps) for b in self.blocks])
             counts = per_rank.sum(axis=0).tolist()
         return [StepPlan(piece, int(count)) for piece, count in zip(pieces, counts)]
 

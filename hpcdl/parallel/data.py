@@ -1,5 +1,5 @@
-"""Data parallel: every rank holds the whole model; gradients are summed over ranks in buckets,
-each bucket's Iallreduce started by a hook as soon as backward has produced all of its gradients."""
+"""Data parallel: every rank holds the whole model; gradients are summed over ranks by the one
+gradient-sync engine (grad_sync.py), each bucket started by a hook during backward."""
 
 from __future__ import annotations
 
@@ -9,18 +9,20 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from hpcdl.comm import World, as_buffer
+from hpcdl.comm import World, buffer
 from hpcdl.data.loader import Batch
+from hpcdl.data.partition import DataShare
 from hpcdl.metrics import PhaseTimer
-from hpcdl.parallel.buckets import GradBuckets
-from hpcdl.parallel.common import evaluate_batch, share_of_loss, zero_contribution
+from hpcdl.parallel.grad_sync import GradSync
+from hpcdl.parallel.loss import counted, evaluate_batch, share_of_loss, zero_contribution
+from hpcdl.parallel.strategy import StepResult, Strategy, named_params
 
 
 def broadcast_module(world: World, module: nn.Module, root: int = 0) -> None:
     """Make every rank's parameters and buffers bitwise equal to `root`'s."""
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
-            world.comm.Bcast(as_buffer(tensor.data), root=root)
+            world.comm.Bcast(buffer(tensor.data), root=root)
 
 
 def broadcast_optimizer(world: World, optimizer: torch.optim.Optimizer, root: int = 0) -> None:
@@ -30,12 +32,15 @@ def broadcast_optimizer(world: World, optimizer: torch.optim.Optimizer, root: in
         optimizer.load_state_dict(state)
 
 
-class DataParallel:
-    """A model replicated on every rank, with bucketed, overlapped gradient Allreduce.
+class DataParallel(Strategy):
+    """A model replicated on every rank of `world`, with bucketed, overlapped gradient Allreduce.
 
     Each rank's loss is its share of the global batch's mean (see `share_of_loss`),
-    so the sum over ranks is the mean gradient: the averaging costs nothing.
+    so the sum over ranks is the mean gradient: the averaging costs nothing. Pipeline
+    stages and tensor shards use it for their replicas' gradient sum.
     """
+
+    replicated = True
 
     def __init__(
         self,
@@ -45,61 +50,51 @@ class DataParallel:
         overlap: bool = True,
         compression: str = "none",
     ):
-        self.model, self.world, self.overlap = model, world, overlap
+        self.model, self.world = model, world
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.param_names = named_params(model, self.params)
+        self.share = DataShare(world.rank, world.size)
         broadcast_module(world, model)
-        self.grads = GradBuckets(world, self.params, int(bucket_mb * 2**20), compression)
-        self.sync_enabled = True
-        for p in self.params:
-            p.register_post_accumulate_grad_hook(self._on_grad_ready)
-
-    def _on_grad_ready(self, param: nn.Parameter) -> None:
-        bucket = self.grads.mark_ready(param)
-        if not (self.sync_enabled and self.overlap):
-            return
-        if bucket is not None:
-            self.grads.start(bucket)
-        self.grads.progress()
+        self.grads = GradSync(world, self.params, int(bucket_mb * 2**20), compression, overlap=overlap)
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
         """Accumulate gradients locally: backward inside this block communicates nothing."""
-        self.sync_enabled = False
-        try:
+        with self.grads.no_sync():
             yield
-        finally:
-            self.sync_enabled = True
 
-    def forward_backward(self, batch: Batch, timer: PhaseTimer, scale: float = 1.0) -> tuple[float, int, int]:
+    def forward_backward(self, batch: Batch, timer: PhaseTimer, scale: float = 1.0) -> StepResult:
         """Forward and backward on this rank's share; buckets start their Allreduce as they fill."""
         self.model.train()
         with timer.phase("forward"):
             if len(batch.y):
                 logits = self.model(batch.x)
                 loss = share_of_loss(logits, batch)
-                correct = int((logits.detach().argmax(dim=1) == batch.y).sum())
+                result = counted(logits, batch.y, loss.item() * batch.global_count)
             else:
-                loss, correct = zero_contribution(self.model), 0
+                loss, result = zero_contribution(self.model), StepResult()
         with timer.phase("backward"):
             (loss * scale if scale != 1.0 else loss).backward()
-        return loss.item() * batch.global_count, correct, len(batch.y)
+        return result
 
     def finish_sync(self, timer: PhaseTimer) -> None:
         """Wait for every bucket's sum (the exposed communication), starting any not yet started."""
         with timer.phase("comm"):
-            self.grads.start_all_idle()
-            self.grads.wait()
+            self.grads.finish()
 
-    def train_step(
-        self, batch: Batch, timer: PhaseTimer, sync: bool = True, scale: float = 1.0
-    ) -> tuple[float, int, int]:
+    def train_step(self, batch: Batch, timer: PhaseTimer, sync: bool = True, scale: float = 1.0) -> StepResult:
         """One micro-step; with `sync` False the gradients only accumulate locally."""
         if not sync:
             with self.no_sync():
                 return self.forward_backward(batch, timer, scale)
-        stats = self.forward_backward(batch, timer, scale)
+        result = self.forward_backward(batch, timer, scale)
         self.finish_sync(timer)
-        return stats
+        return result
+
+    def evaluate_batch(self, batch: Batch) -> StepResult:
+        """The figures of this rank's share, without learning."""
+        self.model.eval()
+        return evaluate_batch(self.model, batch)
 
     def zero_grad(self) -> None:
         """Zero the gradient buckets for the next step (no allocation)."""
@@ -110,21 +105,6 @@ class DataParallel:
         """Bytes of gradients this rank reduces per optimizer step (for the scaling study)."""
         return self.grads.bytes_per_sync
 
-    @property
-    def data_rank(self) -> int:
-        """This rank's share of each global batch."""
-        return self.world.rank
-
-    @property
-    def data_size(self) -> int:
-        """How many ranks split each global batch."""
-        return self.world.size
-
-    def evaluate_batch(self, batch: Batch) -> tuple[float, int, int]:
-        """(summed loss, correct, samples) of this rank's share, without learning."""
-        self.model.eval()
-        return evaluate_batch(self.model, batch)
-
     def sync_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Replicas start from rank 0's optimizer state (also after a resume)."""
         broadcast_optimizer(self.world, optimizer)
@@ -132,11 +112,3 @@ class DataParallel:
     def model_state(self) -> dict[str, torch.Tensor]:
         """The whole model's state: every rank holds all of it."""
         return self.model.state_dict()
-
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
-        """The optimizer's state, the same on every rank."""
-        return optimizer.state_dict()
-
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        """Restore the optimizer's state saved by `optimizer_state`."""
-        optimizer.load_state_dict(state)

@@ -10,21 +10,17 @@ from __future__ import annotations
 import math
 
 from hpcdl.comm import World
-from hpcdl.errors import ConfigError
-
-
-def check_grid(axes: dict[str, int], world_size: int) -> None:
-    """A ConfigError when the axes' sizes do not multiply to the world's size."""
-    if math.prod(axes.values()) != world_size:
-        shape = " x ".join(f"{n} {name}" for name, n in axes.items())
-        raise ConfigError(f"a grid of {shape} needs {math.prod(axes.values())} ranks, but the world has {world_size}")
 
 
 class Grid:
-    """This rank's coordinates on the grid, a sub-World per axis, and its pipeline neighbours."""
+    """This rank's coordinates on the grid, a sub-World per axis, and its pipeline neighbours.
+
+    The axes come from a checked `Layout` (hpcdl.parallel.layout), so their sizes multiply to the world's.
+    """
 
     def __init__(self, world: World, axes: dict[str, int]):
-        world.agree(lambda: check_grid(axes, world.size))
+        if math.prod(axes.values()) != world.size:  # a bug, not a user error: the Layout checked the degrees
+            raise ValueError(f"grid axes {axes} do not multiply to the world's {world.size} ranks")
         self.world, self.axes = world, dict(axes)
         self.coords: dict[str, int] = {}
         rest = world.rank

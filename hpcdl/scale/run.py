@@ -124,7 +124,7 @@ def _check_inputs(opts: argparse.Namespace, ranks: list[int]) -> int:
     """Load the config and dataset once and check every size; returns the base global batch."""
     from hpcdl import config
     from hpcdl.data.schema import validate
-    from hpcdl.train import check_scale
+    from hpcdl.parallel.layout import Layout
 
     cfg = config.load(opts.config, opts.set)
     if opts.steps < 1 or opts.warmup < 0 or opts.repeats < 1 or opts.threads < 1:
@@ -133,7 +133,7 @@ def _check_inputs(opts: argparse.Namespace, ranks: list[int]) -> int:
     base = cfg.train.batch_size
     for r in ranks:
         cfg.train.batch_size = batch_for(base, r, ranks[0], opts.mode)
-        check_scale(cfg, info, r)  # the same checks (and messages) as the train command
+        Layout.from_config(cfg, r).check_data(info)  # the same checks (and messages) as the train command
     return base
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import hpcdl.horovod as hvd
+from hpcdl.errors import HpcdlError
 
 hvd.init()
 R, N = hvd.rank(), hvd.size()
@@ -22,11 +23,11 @@ def data(r: int, shape=(3, 4), dtype=np.float32) -> np.ndarray:
     return np.random.default_rng(r).integers(-8, 9, size=shape).astype(dtype)
 
 
-def same(actual, expected, what: str, atol: float = 0.0) -> None:
+def same(actual, expected, what: str, atol: float = 0.0, rtol: float = 0.0) -> None:
     global checks
     actual = actual.numpy() if torch.is_tensor(actual) else np.asarray(actual)
     assert actual.shape == np.shape(expected), f"{what}: shape {actual.shape} != {np.shape(expected)}"
-    assert np.allclose(actual, expected, atol=atol, rtol=0), f"{what} on rank {R}: {actual} != {expected}"
+    assert np.allclose(actual, expected, atol=atol, rtol=rtol), f"{what} on rank {R}: {actual} != {expected}"
     checks += 1
 
 
@@ -118,31 +119,53 @@ for buffer in momentum:
     same(hvd.allreduce(buffer, op=hvd.Max) - hvd.allreduce(buffer, op=hvd.Min), np.zeros(buffer.shape), "opt state")
 
 
-# DistributedOptimizer: the gradient step() uses is the average (or sum) of every rank's gradient.
-def rank_batch(r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(data(100 + r, (6, 5))), torch.from_numpy(data(200 + r, (6, 2)))
+# DistributedOptimizer: the gradient step() uses is the average (or sum) of every rank's gradient,
+# for models of any floating dtype ("mixed": a float64 layer feeding a float32 one).
+class Mixed(nn.Module):
+    """A float64 layer feeding a float32 one: one model, buckets of two dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(5, 4).double(), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.tanh(self.first(x.double())).float())
 
 
-def local_grads(net: nn.Module, r: int, passes: int) -> list[np.ndarray]:
+def make_net(dtype) -> nn.Module:
+    return Mixed() if dtype == "mixed" else nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)
+
+
+def rank_batch(r: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = torch.float32 if dtype == "mixed" else dtype
+    return torch.from_numpy(data(100 + r, (6, 5))).to(dtype), torch.from_numpy(data(200 + r, (6, 2))).to(dtype)
+
+
+def local_grads(net: nn.Module, r: int, passes: int, dtype) -> list[np.ndarray]:
     """Rank r's gradient, computed here without communication."""
     net.zero_grad()
     for _ in range(passes):
-        x, y = rank_batch(r)
+        x, y = rank_batch(r, dtype)
         ((net(x) - y) ** 2).mean().backward()
-    return [p.grad.numpy().copy() for p in net.parameters()]
+    return [p.grad.double().numpy().copy() for p in net.parameters()]
 
 
-for op, compression, passes, tol in (
-    (hvd.Average, hvd.Compression.none, 1, 1e-6),
-    (hvd.Sum, hvd.Compression.none, 1, 1e-5),
-    (hvd.Average, hvd.Compression.none, 2, 1e-6),
-    (hvd.Average, hvd.Compression.fp16, 1, 2e-2),
+for op, compression, passes, dtype, tol in (
+    (hvd.Average, hvd.Compression.none, 1, torch.float32, 1e-6),
+    (hvd.Sum, hvd.Compression.none, 1, torch.float32, 1e-5),
+    (hvd.Average, hvd.Compression.none, 2, torch.float32, 1e-6),
+    (hvd.Average, hvd.Compression.fp16, 1, torch.float32, 2e-2),
+    (hvd.Average, hvd.Compression.none, 1, torch.float64, 1e-12),
+    (hvd.Average, hvd.Compression.none, 1, torch.float16, 1e-2),
+    (hvd.Average, hvd.Compression.none, 1, torch.bfloat16, 3e-2),
+    (hvd.Average, hvd.Compression.fp16, 1, torch.bfloat16, 3e-2),
+    (hvd.Sum, hvd.Compression.none, 2, "mixed", 1e-5),
 ):
+    case = f"DistributedOptimizer {op} {compression.__name__} passes={passes} {dtype}"
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
-    plain = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    net, plain = make_net(dtype), make_net(dtype)
     plain.load_state_dict(net.state_dict())
-    per_rank = [local_grads(plain, r, passes) for r in range(N)]
+    per_rank = [local_grads(plain, r, passes, dtype) for r in range(N)]
     want = [np.sum(g, axis=0) / (N if op == hvd.Average else 1) for g in zip(*per_rank)]
     base = torch.optim.SGD(net.parameters(), lr=0.5)
     dist = hvd.DistributedOptimizer(
@@ -153,19 +176,57 @@ for op, compression, passes, tol in (
         dist.zero_grad()
         net.zero_grad(set_to_none=True)
         for _ in range(passes):
-            x, y = rank_batch(R)
+            x, y = rank_batch(R, dtype)
             ((net(x) - y) ** 2).mean().backward()
         dist.synchronize()
         for p, g in zip(net.parameters(), want):
-            same(p.grad, g, f"DistributedOptimizer {op} {compression.__name__} passes={passes} step {step}", tol)
+            assert p.grad.dtype == p.dtype, f"{case}: gradient dtype {p.grad.dtype} != {p.dtype}"
+            same(p.grad.double(), g, f"{case} step {step}", tol, tol)
         with dist.skip_synchronize():
-            before_step = [p.detach().clone() for p in net.parameters()]
+            before_step = [p.detach().to(torch.float64, copy=True) for p in net.parameters()]
             dist.step()
         for p, p0, g in zip(net.parameters(), before_step, want):
-            same(p.detach(), p0.numpy() - 0.5 * g, f"DistributedOptimizer step {op}", 10 * tol)
+            same(p.detach().double(), p0.numpy() - 0.5 * g, f"{case} step() {step}", 10 * tol, 10 * tol)
         plain.load_state_dict(net.state_dict())
-        per_rank = [local_grads(plain, r, passes) for r in range(N)]
+        per_rank = [local_grads(plain, r, passes, dtype) for r in range(N)]
         want = [np.sum(g, axis=0) / (N if op == hvd.Average else 1) for g in zip(*per_rank)]
+
+
+# Sparse gradients (nn.Embedding(sparse=True)): refused by default; with sparse_as_dense=True
+# reduced densely in their bucket, so .grad is the dense average.
+def lookups(r: int) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(300 + r).integers(0, 10, size=(2, 4)))
+
+
+def dense_embedding_grad(embedding: nn.Embedding, r: int) -> np.ndarray:
+    """Rank r's gradient of the same embedding made dense, computed here without communication."""
+    dense = nn.Embedding(10, 3)
+    dense.load_state_dict(embedding.state_dict())
+    dense(lookups(r)).pow(2).sum().backward()
+    return dense.weight.grad.numpy()
+
+
+refused = nn.Embedding(10, 3, sparse=True)
+hvd.DistributedOptimizer(torch.optim.SGD(refused.parameters(), lr=0.1))
+try:
+    refused(lookups(R)).pow(2).sum().backward()
+    raise AssertionError("a sparse gradient without sparse_as_dense=True was not refused")
+except HpcdlError as error:
+    assert "sparse gradient" in str(error) and "sparse_as_dense=True" in str(error), error
+checks += 1
+
+torch.manual_seed(0)
+embedding = nn.Embedding(10, 3, sparse=True)
+want = np.mean([dense_embedding_grad(embedding, r) for r in range(N)], axis=0)
+dense_opt = hvd.DistributedOptimizer(torch.optim.SGD(embedding.parameters(), lr=0.1), sparse_as_dense=True)
+for step in range(2):  # the second after zero_grad(set_to_none=True): autograd then makes a new gradient
+    dense_opt.zero_grad()
+    if step:
+        embedding.zero_grad(set_to_none=True)
+    embedding(lookups(R)).pow(2).sum().backward()
+    dense_opt.synchronize()
+    assert not embedding.weight.grad.is_sparse
+    same(embedding.weight.grad, want, f"sparse_as_dense=True step {step}", 1e-6)
 
 # join: the rank that arrives last is reported everywhere.
 time.sleep(0.4 * R)

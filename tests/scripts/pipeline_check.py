@@ -65,8 +65,9 @@ def check(world: comm.World, stages: int, replicas: int, kind: str, expected, al
     timer = PhaseTimer()
     for step in range(STEPS):
         x, y = data(step)
-        share = slice(pipe.data_rank * BATCH // replicas, (pipe.data_rank + 1) * BATCH // replicas)
-        loss_sum, _, count = pipe.train_step(Batch(x[share], y[share], BATCH), timer)
+        share = slice(pipe.share.rank * BATCH // replicas, (pipe.share.rank + 1) * BATCH // replicas)
+        result = pipe.train_step(Batch(x[share], y[share], BATCH), timer)
+        loss_sum, count = result.loss_sum, result.samples
         total = world.allreduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64).numpy())
         assert int(total[1]) == BATCH, f"{kind} S={stages}: {total[1]} samples counted, expected {BATCH}"
         assert abs(total[0] / BATCH - losses[step]) < 1e-5, f"{kind} S={stages}: loss {total[0] / BATCH}"

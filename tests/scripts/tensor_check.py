@@ -14,7 +14,9 @@ from hpcdl import comm
 from hpcdl.data.loader import Batch
 from hpcdl.metrics import PhaseTimer
 from hpcdl.models import MLP
-from hpcdl.parallel.tensor import ColumnParallelLinear, RowParallelLinear, TensorParallel
+from hpcdl.parallel.layout import Layout
+from hpcdl.parallel.tensor.layers import ColumnParallelLinear, RowParallelLinear
+from hpcdl.parallel.tensor.strategy import TensorParallel
 
 BATCH, STEPS = 16, 3
 
@@ -36,7 +38,7 @@ def check_layers(shards: comm.World) -> None:
     x = torch.randn(5, 12, generator=torch.Generator().manual_seed(2), requires_grad=True)
     dense_out = second(torch.relu(first(x)))
     dense_out.square().sum().backward()
-    col, row = ColumnParallelLinear.from_dense(first, shards), RowParallelLinear.from_dense(second, shards)
+    col, row = ColumnParallelLinear(first, shards), RowParallelLinear(second, shards)
     xs = x.detach().clone().requires_grad_()
     out = row(torch.relu(col(xs)))
     out.square().sum().backward()
@@ -53,7 +55,7 @@ def check_mlp(world: comm.World, tensor: int, replicas: int, hidden: list[int]) 
     """Three Adam steps of the tensor-parallel MLP equal the dense one's; returns Allreduce-free layers."""
     dense = model(hidden)
     dense_opt = torch.optim.Adam(dense.parameters(), lr=0.01)
-    tp = TensorParallel(model(hidden), world, tensor, replicas)
+    tp = TensorParallel(model(hidden), world, Layout("tensor", world.size, replicas, tensor=tensor))
     opt = torch.optim.Adam(tp.params, lr=0.01)
     timer = PhaseTimer()
     for step in range(STEPS):
@@ -62,8 +64,9 @@ def check_mlp(world: comm.World, tensor: int, replicas: int, hidden: list[int]) 
         logits = dense(x)
         F.cross_entropy(logits, y).backward()
         torch.testing.assert_close(tp.model(x), logits)  # forward: outputs equal the dense layer's
-        share = slice(tp.data_rank * BATCH // replicas, (tp.data_rank + 1) * BATCH // replicas)
-        loss_sum, _, count = tp.train_step(Batch(x[share], y[share], BATCH), timer)
+        share = slice(tp.share.rank * BATCH // replicas, (tp.share.rank + 1) * BATCH // replicas)
+        result = tp.train_step(Batch(x[share], y[share], BATCH), timer)
+        loss_sum, count = result.loss_sum, result.samples
         total = world.allreduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64).numpy())
         assert int(total[1]) == BATCH and abs(total[0] / BATCH - F.cross_entropy(logits, y).item()) < 1e-5
         whole = tp.model_state()  # on rank 0: shards joined

@@ -14,7 +14,7 @@ from collections import deque
 
 import torch
 
-from hpcdl.comm import as_buffer, mpi
+from hpcdl.comm import buffer, mpi
 
 ACTIVATION, GRADIENT = 0, 1
 
@@ -53,7 +53,7 @@ class RecvQueue:
             if self.buffers[slot].shape[0] < rows:  # grows only when a larger micro-batch appears
                 self.buffers[slot] = torch.empty(rows, *self.sample_shape, dtype=self.dtype)
             view = self.buffers[slot][:rows]
-            request = self.comm.Irecv(as_buffer(view), source=self.peer, tag=self.tag)
+            request = self.comm.Irecv(buffer(view), source=self.peer, tag=self.tag)
             self.posted.append((slot, rows, request))
 
     def take(self) -> tuple[int, torch.Tensor]:
@@ -69,11 +69,6 @@ class RecvQueue:
         self.free.append(slot)
         self.post()
 
-    @property
-    def capacity(self) -> int:
-        """How many buffers this queue owns."""
-        return len(self.buffers)
-
 
 class SendQueue:
     """Non-blocking sends to one peer; each tensor is kept alive until its send completes."""
@@ -85,12 +80,7 @@ class SendQueue:
     def send(self, tensor: torch.Tensor) -> None:
         """Start sending `tensor` (contiguous) without waiting."""
         tensor = tensor.detach().contiguous()
-        self.pending.append((tensor, self.comm.Isend(as_buffer(tensor), dest=self.peer, tag=self.tag)))
-
-    def progress(self) -> None:
-        """Let MPI move pending sends forward, and forget the ones that completed."""
-        if self.pending and mpi().Request.Testall([r for _, r in self.pending]):
-            self.pending.clear()
+        self.pending.append((tensor, self.comm.Isend(buffer(tensor), dest=self.peer, tag=self.tag)))
 
     def wait(self) -> None:
         """Wait for every pending send."""

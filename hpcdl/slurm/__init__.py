@@ -1,4 +1,4 @@
-"""Submit the slurm/ templates with their knobs filled, and show how a job is doing."""
+"""Submit the sbatch templates (package data, hpcdl/slurm/templates/) with their knobs filled; show a job's state."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from hpcdl import config
 from hpcdl.errors import HpcdlError
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "slurm"
+# Package data, so an installed hpcdl has them too (the checkout's slurm/*.sbatch are symlinks to these).
+# sbatch needs a file on disk: hpcdl is installed unzipped, so this is a plain folder.
+TEMPLATES_DIR = Path(str(resources.files("hpcdl.slurm") / "templates"))
 # A template's knob is a line `NAME=${NAME:-default}`: the environment wins over the default.
 KNOB = re.compile(r"^([A-Z][A-Z0-9_]*)=\$\{\1:-(.*?)\}(?=\s|$)", re.MULTILINE)
 JOB_ID = re.compile(r"^\d+(_\d+)?$")
@@ -45,7 +48,7 @@ def quote(word: str) -> str:
 
 
 def template_names() -> list[str]:
-    """The templates shipped in slurm/, by name (train, train-gpu, ...)."""
+    """The templates shipped with hpcdl, by name (train, train-gpu, ...)."""
     return sorted(p.stem for p in TEMPLATES_DIR.glob("*.sbatch"))
 
 
@@ -223,7 +226,7 @@ def _status_command(args) -> int:
 
 def register(commands) -> None:
     """Add `hpcdl slurm submit|status` to the command line."""
-    slurm = commands.add_parser("slurm", help="submit the slurm/ templates, show a job's state and log")
+    slurm = commands.add_parser("slurm", help="submit the sbatch templates, show a job's state and log")
     actions = slurm.add_subparsers(dest="action", required=True)
     submit_parser = actions.add_parser("submit", help="fill a template's knobs, print the sbatch line, submit it")
     submit_parser.add_argument("template", help=f"a template ({', '.join(template_names())}) or an .sbatch file")

@@ -1,4 +1,4 @@
-"""What every strategy's step shares: the loss of a rank's share of a global batch."""
+"""What every strategy's step shares: the loss of a rank's share of a global batch, and its figures."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcdl.data.loader import Batch
+from hpcdl.parallel.strategy import StepResult
 
 
 def share_of_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -28,11 +29,15 @@ def zero_contribution(model: nn.Module) -> torch.Tensor:
     return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
 
 
+def counted(logits: torch.Tensor, labels: torch.Tensor, loss_sum: float) -> StepResult:
+    """The figures of one share: its summed loss, its correct predictions and its size."""
+    return StepResult(loss_sum, int((logits.detach().argmax(dim=1) == labels).sum()), len(labels))
+
+
 @torch.no_grad()
-def evaluate_batch(model: nn.Module, batch: Batch) -> tuple[float, int, int]:
-    """(summed loss, correct predictions, samples) of a rank's share of a batch."""
+def evaluate_batch(model: nn.Module, batch: Batch) -> StepResult:
+    """The figures of a rank's share of a batch, without learning."""
     if len(batch.y) == 0:
-        return 0.0, 0, 0
+        return StepResult()
     logits = model(batch.x)
-    loss = F.cross_entropy(logits, batch.y, reduction="sum").item()
-    return loss, int((logits.argmax(dim=1) == batch.y).sum()), len(batch.y)
+    return counted(logits, batch.y, F.cross_entropy(logits, batch.y, reduction="sum").item())

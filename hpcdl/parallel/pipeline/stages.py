@@ -17,25 +17,12 @@ from torch import nn
 from hpcdl.comm import World
 from hpcdl.errors import ConfigError
 from hpcdl.models import is_meta, materialize
-
-
-def layers_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The (name, layer) list of a Sequential model, or a clear error for any other model."""
-    if not isinstance(model, nn.Sequential):
-        raise ConfigError(
-            f"parallel.mode = 'pipeline' needs an nn.Sequential model (mlp, cnn, or a factory returning "
-            f"nn.Sequential); {type(model).__name__} is not one: use parallel.mode = 'data'"
-        )
-    return list(model.named_children())
-
-
-def _has_params(layer: nn.Module) -> bool:
-    return any(True for _ in layer.parameters())
+from hpcdl.parallel.layout import has_params
 
 
 def units(layers: list[nn.Module]) -> list[int]:
     """Where a stage may begin: at each layer with parameters but the first (so a ReLU stays with its Linear)."""
-    return [0, *[i for i, layer in enumerate(layers) if _has_params(layer)][1:]]
+    return [0, *[i for i, layer in enumerate(layers) if has_params(layer)][1:]]
 
 
 def balanced_starts(weights: list[float], candidates: list[int], stages: int) -> list[int]:
@@ -90,36 +77,13 @@ def _allocated_copy(index: int, layer: nn.Module) -> nn.Module:
     return copied
 
 
-def check_layout(layers: list[nn.Module], stages: int, cuts: list[int] | None) -> None:
-    """A ConfigError saying what would work when the layers cannot make `stages` stages at `cuts`."""
-    n, weighted = len(layers), sum(map(_has_params, layers))
-    if stages > weighted:
-        raise ConfigError(
-            f"parallel.stages = {stages} but the model has only {weighted} layers with parameters "
-            f"(of {n}); use at most {weighted} stages"
-        )
-    if cuts and (len(cuts) != stages - 1 or sorted(set(cuts)) != list(cuts) or cuts[0] < 1 or cuts[-1] >= n):
-        raise ConfigError(
-            f"parallel.cuts = {list(cuts)} must be {stages - 1} increasing layer indices in 1..{n - 1} "
-            f"(where stages 2..{stages} begin); the model's layers: "
-            + ", ".join(f"{i} {type(layer).__name__}" for i, layer in enumerate(layers))
-        )
-    bounds = [0, *(cuts or []), n]
-    for stage, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        if cuts and not any(map(_has_params, layers[a:b])):
-            raise ConfigError(
-                f"parallel.cuts = {list(cuts)} leave stage {stage + 1} (layers {a}..{b - 1}) without parameters"
-            )
-
-
 def stage_starts(
     layers: list[nn.Module], stages: int, balance: str, cuts: list[int] | None, world: World, sample=None
 ) -> list[int]:
     """Where each stage begins: the named cut points, or balanced by parameters or measured time."""
-    check_layout(layers, stages, cuts)
     if cuts:
         return [0, *cuts]
-    candidates = units(layers)  # at least `stages` of them, as check_layout made sure
+    candidates = units(layers)  # at least `stages` of them, as Layout.check_stages made sure
     if balance == "time":
         if sample is None:
             raise ConfigError("parallel.balance = 'time' needs a sample batch to time the layers on")

@@ -19,58 +19,27 @@ import numpy as np
 import torch
 from torch import nn
 
+from hpcdl import comm
 from hpcdl.comm import World
 from hpcdl.data.loader import Batch
+from hpcdl.data.partition import DataShare
 from hpcdl.errors import ConfigError
 from hpcdl.metrics import PhaseTimer
 from hpcdl.models import is_meta, materialize
-from hpcdl.parallel.common import share_of_loss, zero_contribution
 from hpcdl.parallel.data import DataParallel
-from hpcdl.parallel.grid import Grid
-from hpcdl.parallel.p2p import ACTIVATION, GRADIENT, RecvQueue, SendQueue, recv_meta, send_meta
-from hpcdl.parallel.stages import check_layout, layers_of, stage_starts
-
-SCHEDULES = ("gpipe", "1f1b")
-
-
-# ---- schedules ---------------------------------------------------------------------------------
-
-
-def schedule(kind: str, stage: int, stages: int, micro: int) -> list[tuple[str, int]]:
-    """This stage's actions in order: ("F", i) forward or ("B", i) backward of micro-batch i."""
-    if kind == "gpipe":
-        return [("F", i) for i in range(micro)] + [("B", i) for i in range(micro)]
-    # 1F1B (PipeDream-Flush): fill the pipe, then alternate, then drain.
-    warmup = min(stages - stage - 1, micro)
-    actions = [("F", i) for i in range(warmup)]
-    for i in range(micro - warmup):
-        actions += [("F", warmup + i), ("B", i)]
-    return actions + [("B", i) for i in range(micro - warmup, micro)]
+from hpcdl.parallel.layout import Layout, named_layers
+from hpcdl.parallel.loss import counted, share_of_loss, zero_contribution
+from hpcdl.parallel.pipeline.p2p import ACTIVATION, GRADIENT, RecvQueue, SendQueue, recv_meta, send_meta
+from hpcdl.parallel.pipeline.schedule import SCHEDULES, micro_sizes, peak_alive, schedule
+from hpcdl.parallel.pipeline.stages import stage_starts
+from hpcdl.parallel.state import gather_model_state, gather_optimizer_state, local_optimizer_state
+from hpcdl.parallel.strategy import StepResult, Strategy
 
 
-def peak_alive(actions: list[tuple[str, int]]) -> int:
-    """Most micro-batches whose activations are held at once under `actions`."""
-    alive = peak = 0
-    for kind, _ in actions:
-        alive += 1 if kind == "F" else -1
-        peak = max(peak, alive)
-    return peak
-
-
-def micro_sizes(rows: int, micro: int) -> list[int]:
-    """Rows of each micro-batch (np.array_split's sizes); fewer micro-batches when rows < micro."""
-    parts = min(micro, rows)
-    return [rows // parts + (1 if i < rows % parts else 0) for i in range(parts)] if parts else []
-
-
-# ---- the strategy ------------------------------------------------------------------------------
-
-
-class Pipeline:
+class Pipeline(Strategy):
     """This rank's stage of a Sequential model cut over `stages` ranks, times `replicas` copies.
 
-    World rank r is stage r % stages of replica r // stages. The strategy protocol of
-    `hpcdl.parallel` (train_step, evaluate_batch, model_state, ...) drives it.
+    World rank r is stage r % stages of replica r // stages (the layout's grid).
 
     A `sequential` built on the meta device (`hpcdl.models.build(..., device="meta")` or
     under `with torch.device("meta")`) is cut by its shapes, and each rank allocates only
@@ -97,19 +66,24 @@ class Pipeline:
         seed: int = 0,
         initial_state: dict[str, torch.Tensor] | None = None,
     ):
-        if world is None:
-            from hpcdl import comm
+        world = world or comm.init()
 
-            world = comm.init()
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"parallel.schedule = {schedule!r} is not one of {', '.join(SCHEDULES)}")
-        if micro_batches < 1:
-            raise ConfigError(f"parallel.micro_batches = {micro_batches} must be >= 1")
+        def check() -> tuple[Layout, list[tuple[str, nn.Module]]]:
+            if schedule not in SCHEDULES:
+                raise ConfigError(f"parallel.schedule = {schedule!r} is not one of {', '.join(SCHEDULES)}")
+            if micro_batches < 1:
+                raise ConfigError(f"parallel.micro_batches = {micro_batches} must be >= 1")
+            layout = Layout(
+                "pipeline", world.size, replicas, stages, micro_batches=micro_batches, cuts=tuple(cuts or ())
+            )
+            named = named_layers(sequential, "pipeline")
+            layout.check_stages([m for _, m in named])
+            return layout, named
+
         # Checked on every rank before the first collective: all fail together, with the fix.
-        named = world.agree(lambda: layers_of(sequential))
-        world.agree(lambda: check_layout([m for _, m in named], stages, cuts))
+        layout, named = world.agree(check)
         starts = stage_starts([m for _, m in named], stages, balance, cuts, world, sample)
-        self.grid = Grid(world, {"replica": replicas, "stage": stages})
+        self.grid = layout.grid(world)
         self.world, self.pipe = world, self.grid.group("stage")
         self.stage_index, self.stages, self.micro, self.kind = self.grid.coord("stage"), stages, micro_batches, schedule
         bounds = [*starts, len(named)]
@@ -123,32 +97,29 @@ class Pipeline:
                 self.stage.load_state_dict({key: initial_state[key] for key in self.stage.state_dict()})
         index = {name: i for i, (name, _) in enumerate(sequential.named_parameters())}
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
-        self.global_ids = [index[name] for name, p in self.stage.named_parameters() if p.requires_grad]
+        self.param_names = [name for name, p in self.stage.named_parameters() if p.requires_grad]
+        self.global_ids = [index[name] for name in self.param_names]
+        self.share = DataShare(self.grid.coord("replica"), self.grid.size("replica"))
         self.dp = None
         if replicas > 1:
             self.dp = DataParallel(self.stage, self.grid.group("replica"), bucket_mb, overlap, compression)
         self.recv_act = self.recv_grad = self.send_act = self.send_grad = None
         self.peak_alive = 0  # micro-batches' activations held at once (for tests and benchmarks)
 
-    # -- the protocol's data members
-
-    @property
-    def data_rank(self) -> int:
-        """This replica's share of each global batch (all stages of a replica read the same)."""
-        return self.grid.coord("replica")
-
-    @property
-    def data_size(self) -> int:
-        """How many replicas split each global batch."""
-        return self.grid.size("replica")
-
     @property
     def is_first(self) -> bool:
+        """True on the first stage (it reads the features)."""
         return self.grid.is_first_stage
 
     @property
     def is_last(self) -> bool:
+        """True on the last stage (it computes the loss)."""
         return self.grid.is_last_stage
+
+    @property
+    def bytes_per_sync(self) -> int:
+        """Bytes of this stage's gradients summed over its replicas per step."""
+        return self.dp.bytes_per_sync if self.dp is not None else 0
 
     # -- point-to-point links, connected on the first batch
 
@@ -172,9 +143,7 @@ class Pipeline:
 
     # -- one step
 
-    def train_step(
-        self, batch: Batch, timer: PhaseTimer, sync: bool = True, scale: float = 1.0
-    ) -> tuple[float, int, int]:
+    def train_step(self, batch: Batch, timer: PhaseTimer, sync: bool = True, scale: float = 1.0) -> StepResult:
         """GPipe or 1F1B over this batch's micro-batches; gradients accumulate; replicas summed if `sync`."""
         self.stage.train()
         sizes = micro_sizes(len(batch.y), self.micro)
@@ -182,7 +151,7 @@ class Pipeline:
             if self.dp is not None and sync:
                 zero_contribution(self.stage).backward()
                 self.dp.finish_sync(timer)
-            return 0.0, 0, 0
+            return StepResult()
         self._connect(batch)
         xs, ys = torch.split(batch.x, sizes), torch.split(batch.y, sizes)
         for queue in (self.recv_act, self.recv_grad):
@@ -205,7 +174,7 @@ class Pipeline:
                     queue.wait()
         if self.dp is not None and sync:
             self.dp.finish_sync(timer)
-        return float(stats[0]), int(stats[1]), int(stats[2])
+        return StepResult(float(stats[0]), int(stats[1]), int(stats[2]))
 
     def _forward(self, i, xs, ys, global_count, scale, timer, stats):
         """Forward of micro-batch i: receive (or read) its input, run the stage, send or take the loss."""
@@ -220,7 +189,7 @@ class Pipeline:
             out = self.stage(x)
             if self.is_last:
                 loss = share_of_loss(out, Batch(xs[i], ys[i], global_count))
-                stats += (loss.item() * global_count, int((out.detach().argmax(1) == ys[i]).sum()), len(ys[i]))
+                stats += counted(out, ys[i], loss.item() * global_count).vector()
                 out = loss * scale if scale != 1.0 else loss
         if not self.is_last:
             with timer.phase("send"):
@@ -245,12 +214,12 @@ class Pipeline:
             self.recv_act.release(slot)
 
     @torch.no_grad()
-    def evaluate_batch(self, batch: Batch) -> tuple[float, int, int]:
-        """(summed loss, correct, samples) on the last stage; zeros elsewhere (the loop sums over ranks)."""
+    def evaluate_batch(self, batch: Batch) -> StepResult:
+        """The figures on the last stage; zeros elsewhere (the loop sums over ranks)."""
         self.stage.eval()
         sizes = micro_sizes(len(batch.y), self.micro)
         if not sizes:
-            return 0.0, 0, 0
+            return StepResult()
         self._connect(batch)
         if self.recv_act is not None:
             self.recv_act.expect(sizes)
@@ -266,21 +235,19 @@ class Pipeline:
                 self.recv_act.release(slot)
             if self.is_last:
                 loss = torch.nn.functional.cross_entropy(out, y, reduction="sum").item()
-                stats += (loss, int((out.argmax(1) == y).sum()), len(y))
+                stats += counted(out, y, loss).vector()
             else:
                 self.send_act.send(out)
         if self.send_act is not None:
             self.send_act.wait()
-        return float(stats[0]), int(stats[1]), int(stats[2])
+        return StepResult(float(stats[0]), int(stats[1]), int(stats[2]))
 
     def zero_grad(self) -> None:
         """Zero this stage's gradients in place."""
         if self.dp is not None:
             self.dp.zero_grad()
             return
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.zero_()
+        super().zero_grad()
 
     def sync_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Replicas of a stage start from replica 0's optimizer state."""
@@ -291,31 +258,12 @@ class Pipeline:
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The unsplit model's state on rank 0 (same keys as the Sequential); this stage's part elsewhere."""
-        own = self.stage.state_dict()
-        parts = self.grid.gather_on_root("stage", own)
-        if parts is None:
-            return own
-        return {key: value for part in parts for key, value in part.items()}
+        return gather_model_state(self.grid, "stage", self.stage.state_dict(), {})
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """The optimizer's state keyed by the unsplit model's parameter indices (as data parallel saves it)."""
-        own = optimizer.state_dict()
-        glob = {
-            "state": {self.global_ids[i]: v for i, v in own["state"].items()},
-            "param_groups": [{**g, "params": [self.global_ids[i] for i in g["params"]]} for g in own["param_groups"]],
-        }
-        parts = self.grid.gather_on_root("stage", glob)
-        if parts is None:
-            return glob
-        groups = [dict(g) for g in parts[0]["param_groups"]]
-        for j, group in enumerate(groups):
-            group["params"] = sorted(i for part in parts for i in part["param_groups"][j]["params"])
-        return {"state": {k: v for part in parts for k, v in part["state"].items()}, "param_groups": groups}
+        return gather_optimizer_state(self.grid, "stage", optimizer.state_dict(), self.global_ids, {})
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
         """Take this stage's entries of a whole-model optimizer state (saved in any mode)."""
-        local = {g: i for i, g in enumerate(self.global_ids)}
-        groups = [{**g, "params": [local[i] for i in g["params"] if i in local]} for g in state["param_groups"]]
-        optimizer.load_state_dict(
-            {"state": {local[k]: v for k, v in state["state"].items() if k in local}, "param_groups": groups}
-        )
+        optimizer.load_state_dict(local_optimizer_state(state, self.global_ids, {}, 0, 1))
