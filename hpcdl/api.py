@@ -17,6 +17,7 @@ from torch import nn
 
 from hpcdl import comm
 from hpcdl.comm import World
+from hpcdl.config import ABOVE_ZERO, COMPRESSIONS, check_choice, check_flag, check_number, check_path
 from hpcdl.errors import ConfigError
 from hpcdl.parallel.data import broadcast_module
 from hpcdl.parallel.grad_sync import GradSync
@@ -56,8 +57,11 @@ class DataParallel(nn.Module):
         world: World | None = None,
     ):
         super().__init__()
+        world = world or init()
+        # Before the broadcast below: a bad argument (the same on every rank) ends every rank with one line.
+        world.agree(lambda: _check_data_parallel_arguments(module, bucket_mb, compression, overlap, average))
         self.module = module
-        self.world = world or init()
+        self.world = world
         params = [p for p in module.parameters() if p.requires_grad]
         broadcast_module(self.world, module)
         scale = 1.0 / self.world.size if average else 1.0
@@ -89,6 +93,20 @@ class DataParallel(nn.Module):
             yield
 
 
+def _check_data_parallel_arguments(module: Any, bucket_mb: Any, compression: Any, overlap: Any, average: Any) -> None:
+    """hpcdl.DataParallel's arguments: a ConfigError naming the first one that is wrong."""
+    _check_module("hpcdl.DataParallel: module", module)
+    check_number("hpcdl.DataParallel: bucket_mb", bucket_mb, ABOVE_ZERO)
+    check_choice("hpcdl.DataParallel: compression", compression, COMPRESSIONS)
+    check_flag("hpcdl.DataParallel: overlap", overlap)
+    check_flag("hpcdl.DataParallel: average", average)
+
+
+def _check_module(name: str, value: Any) -> None:
+    if not isinstance(value, nn.Module):
+        raise ConfigError(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
+
+
 def _option_keys() -> dict[str, tuple[str, str]]:
     """fit's keyword names -> (section, key): every `section_key`, and `key` alone where unambiguous."""
     from hpcdl.config import SECTIONS, Config
@@ -99,6 +117,13 @@ def _option_keys() -> dict[str, tuple[str, str]]:
             names.setdefault(f.name, []).append((section, f.name))
             names[f"{section}_{f.name}"] = [(section, f.name)]
     return {name: where[0] for name, where in names.items() if len(where) == 1}
+
+
+def _checked_fit_config(model: Any, data_path: Any, config: str | None, options: dict[str, Any]):
+    """fit's arguments checked (model, data_path, then the options as config keys), and the Config they make."""
+    _check_module("hpcdl.fit: model", model)
+    check_path("hpcdl.fit: data_path", data_path)
+    return fit_config(data_path, config, **options)
 
 
 def fit_config(data_path: str | Path, config: str | None = None, **options: Any):
@@ -121,17 +146,24 @@ def fit_config(data_path: str | Path, config: str | None = None, **options: Any)
 
 
 def fit(
-    model: nn.Module, data_path: str | Path, *, config: str | None = None, resume: str | None = None, **options: Any
+    model: nn.Module,
+    data_path: str | Path,
+    *,
+    config: str | None = None,
+    resume: str | None = None,
+    overwrite: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
     """Train your `model` on an hpcdl HDF5 file with the command line's loop; returns the run's summary.
 
     Options are config keys by name (`epochs=5, batch_size=128, lr=0.05, optimizer="adam",
     run_dir="runs/mine", compression="fp16"`, or `section_key` such as `train_seed`); `config`
     starts from a named config or TOML file. Same loop, checkpoints, logs and summary as
-    `hpcdl train`; `resume="latest"` continues from the run's newest checkpoint.
+    `hpcdl train`; `resume="latest"` continues from the run's newest checkpoint, `overwrite=True` moves an
+    old run in the folder aside instead of refusing to start over it.
     """
     from hpcdl.train import train
 
     world = init()
-    cfg = world.agree(lambda: fit_config(data_path, config, **options))
-    return train(cfg, world, resume=resume, model=model)
+    cfg = world.agree(lambda: _checked_fit_config(model, data_path, config, options))
+    return train(cfg, world, resume=resume, model=model, overwrite=overwrite)

@@ -3,18 +3,27 @@
 A run's `checkpoints/` folder holds `step-N.pt` files and `manifest.json`, which records
 each file's size and SHA-256. A checkpoint is valid when it is in the manifest and its
 bytes match; a corrupt or partial newest one is skipped (saying so) for the previous one.
+
+Checkpoints are data, not code: every field is a tensor or plain Python data, and they are read
+with `weights_only=True`, so a crafted file cannot run anything when loaded (nor does a plain
+`torch.load(path)`). A save that fails (a full disk, a read-only or vanished filesystem) says so in
+one line and leaves the folder as it was: no partial file, the previous checkpoints and manifest intact.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import pickle
 import random
 import re
+import shutil
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +33,23 @@ import torch
 from hpcdl.errors import HpcdlError
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
+PARTIAL_NAME = re.compile(r"^\..+\.partial$")
 MANIFEST = "manifest.json"
+WEIGHTS = "model.pt"
+# Room beyond the checkpoints themselves: the manifest, filesystem blocks, rounding of the estimate.
+SPACE_MARGIN = 1 << 20
+# What a checkpoint stores besides its tensors' bytes: config, RNG states, pickled names and zip records.
+FIXED_OVERHEAD = 64 << 10
+PER_TENSOR_OVERHEAD = 512
+# Advice for the causes a save can meet, by errno; anything else falls back to the last line.
+ADVICE = {
+    errno.ENOSPC: "free space or move run.dir",
+    errno.EDQUOT: "free space under your quota or move run.dir",
+    errno.EROFS: "move run.dir to a writable filesystem",
+    errno.EACCES: "make the folder writable or move run.dir",
+    errno.EPERM: "make the folder writable or move run.dir",
+}
+DEFAULT_ADVICE = "check the filesystem holding run.dir"
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -54,14 +79,38 @@ def read_manifest(folder: Path) -> dict[str, dict[str, Any]]:
         ) from None
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 10e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds `path` (or would hold it: its nearest existing folder)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _os_failure(action: str, path: Path, exc: OSError, nbytes: int = 0) -> HpcdlError:
+    """One line for a failed file operation: the path, the cause, the figures of a full disk, what to do."""
+    cause = os.strerror(exc.errno) if exc.errno else str(exc)
+    figures = ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) and nbytes:
+        figures = f" (need about {_size(nbytes)}, {_size(_free_bytes(path.parent))} free)"
+    return HpcdlError(f"cannot {action} {path}: {cause}{figures}; {ADVICE.get(exc.errno, DEFAULT_ADVICE)}")
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     """Temporary file, fsync, rename, fsync of the folder: a reader sees all of it or none."""
     partial = path.with_name(f".{path.name}.partial")
-    with partial.open("wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(partial, path)
+    try:
+        with partial.open("wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a failed write leaves nothing behind, its space given back
+        raise
     # The rename is durable only once the folder entry is.
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -70,18 +119,30 @@ def _write_atomically(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def save(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 3) -> Path:
-    """Write `state` as step-N.pt atomically, record its checksum in the manifest, keep the newest `keep`."""
-    folder = checkpoint_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+def _write_file(what: str, path: Path, data: bytes) -> None:
+    """`_write_atomically`, any OSError said in one line naming `path`."""
+    try:
+        _write_atomically(path, data)
+    except OSError as exc:
+        raise _os_failure(f"write {what}", path, exc, len(data)) from None
+
+
+def _serialize(obj: Any) -> bytes:
     buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data = buffer.getvalue()
-    final = folder / f"step-{step:08d}.pt"
-    _write_atomically(final, data)
-    entries = read_manifest(folder)
-    entries[final.name] = {
-        "file": final.name,
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _os_failure("create checkpoint folder", folder, exc) from None
+
+
+def _manifest_entry(path: Path, step: int, data: bytes, state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "file": path.name,
         "step": step,
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -89,17 +150,81 @@ def save(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 3) -
         "world_size": state.get("world_size"),
         "written": time.time(),
     }
-    files = sorted(entries, key=lambda name: entries[name]["step"])
-    for old in files[:-keep]:
-        (folder / old).unlink(missing_ok=True)
-        del entries[old]
-    # The manifest goes last: a crash before it leaves the new file unlisted, so unused.
-    manifest = {"format": 1, "checkpoints": [entries[name] for name in files[-keep:]]}
-    _write_atomically(folder / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
-    for stray in list_checkpoints(run_dir):
-        if stray.name not in entries:  # unlisted leftovers of an interrupted save
-            stray.unlink(missing_ok=True)
+
+
+def _remove_unlisted(folder: Path, listed: list[str]) -> None:
+    """Delete checkpoints the manifest no longer lists (pruned, or left by an interrupted save) and stray partials."""
+    for path in folder.iterdir():
+        unlisted = CHECKPOINT_NAME.match(path.name) and path.name not in listed
+        if unlisted or PARTIAL_NAME.match(path.name):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise _os_failure("remove old checkpoint", path, exc) from None
+
+
+def save(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 3) -> Path:
+    """Write `state` as step-N.pt atomically, record its checksum in the manifest, keep the newest `keep`.
+
+    A failure to write raises one HpcdlError line and leaves the previous checkpoints and manifest as they were.
+    """
+    folder = checkpoint_dir(run_dir)
+    _make_folder(folder)
+    entries = read_manifest(folder)  # before writing: a damaged manifest must not strand a new file
+    final = folder / f"step-{step:08d}.pt"
+    was_listed = final.name in entries
+    data = _serialize(state)
+    _write_file("checkpoint", final, data)
+    entries[final.name] = _manifest_entry(final, step, data, state)
+    kept = sorted(entries, key=lambda name: entries[name]["step"])[-keep:]
+    manifest = {"format": 1, "checkpoints": [entries[name] for name in kept]}
+    try:
+        # The manifest goes after the file: a crash between them leaves the new file unlisted, so unused.
+        _write_file("checkpoint manifest", folder / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    except HpcdlError:
+        # The old manifest stands; an unlisted new file is only dead weight. One it lists (the same step saved
+        # again) stays: removing it would leave the manifest naming a missing file, and its checksum tells.
+        if not was_listed:
+            final.unlink(missing_ok=True)
+        raise
+    # Old files go only once the manifest no longer lists them: it never names a missing file.
+    _remove_unlisted(folder, kept)
     return final
+
+
+def save_weights(run_dir: str | Path, state_dict: Mapping[str, torch.Tensor]) -> Path:
+    """Write the unsplit model's parameters alone as `<run_dir>/model.pt` (atomically), for `torch.load`."""
+    path = Path(run_dir) / WEIGHTS
+    _write_file("model weights", path, _serialize(dict(state_dict)))
+    return path
+
+
+def estimate_bytes(model_state: Mapping[str, torch.Tensor], optimizer_slots: int = 2) -> int:
+    """A checkpoint's size before one exists, for `check_space` ahead of the first step.
+
+    The model's tensors once, plus `optimizer_slots` copies of the same size for the optimizer's state
+    (2 for Adam/AdamW, 1 for SGD with momentum, 0 without), plus the fixed fields. Works on a model
+    still on the meta device: only shapes and dtypes count.
+    """
+    tensor_bytes = sum(t.numel() * t.element_size() for t in model_state.values())
+    tensors = len(model_state) * (1 + optimizer_slots)
+    return tensor_bytes * (1 + optimizer_slots) + tensors * PER_TENSOR_OVERHEAD + FIXED_OVERHEAD
+
+
+def check_space(run_dir: str | Path, nbytes: int) -> None:
+    """Refuse a run whose filesystem cannot take its checkpoints (`nbytes` each, see `estimate_bytes`).
+
+    Meant for the start of a run, so that a full disk stops it before its first step rather than at
+    its first checkpoint hours later. A save writes the new file in full before the oldest one is
+    removed, so this asks for twice `nbytes` free, plus a margin.
+    """
+    need = 2 * nbytes + SPACE_MARGIN
+    free = _free_bytes(Path(run_dir))
+    if free < need:
+        raise HpcdlError(
+            f"not enough free space for checkpoints in {run_dir}: each takes about {_size(nbytes)}, "
+            f"{_size(need)} needed, {_size(free)} free; free space or move run.dir"
+        )
 
 
 def problem(path: Path) -> str | None:
@@ -168,12 +293,41 @@ def parameter_digest(state: dict[str, torch.Tensor]) -> str:
     return sha.hexdigest()
 
 
+def _refusal(exc: pickle.UnpicklingError) -> str | None:
+    """torch's reason for refusing a file under weights_only, shortened to its cause; None for other failures."""
+    text = str(exc)
+    if not text.startswith("Weights only load failed"):
+        return None
+    # After torch's standard preamble and numbered advice comes the line naming what it refused.
+    for line in text.splitlines()[1:]:
+        line = line.strip().removeprefix("WeightsUnpickler error: ")
+        if line and not line.startswith(("(1)", "(2)", "Check the documentation")):
+            return re.split(r" was not an allowed global|\. ", line)[0].rstrip(".")[:200]
+    return "refused by torch's weights-only loader"
+
+
+def _unreadable(path: str | Path, exc: Exception) -> HpcdlError:
+    """One line for a file torch cannot parse at all (truncated, overwritten, not a torch file)."""
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "no detail"
+    return HpcdlError(f"checkpoint {path} cannot be read, damaged or not a checkpoint ({type(exc).__name__}: {first})")
+
+
 def load(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by `save`."""
+    """Read a checkpoint written by `save` as data only: tensors and plain values, nothing in it executed."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unreadable file
-        raise HpcdlError(f"checkpoint {path} cannot be read: {exc}") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if (reason := _refusal(exc)) is None:
+            raise _unreadable(path, exc) from None
+        raise HpcdlError(
+            f"{path} is not an hpcdl checkpoint (it holds objects other than tensors and plain data: {reason}); "
+            "it was written by an older hpcdl or is not a checkpoint, and nothing in it was run"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any other failure means an unreadable file
+        raise _unreadable(path, exc) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise HpcdlError(f"{path} is not an hpcdl checkpoint (no model state in it)")
+    return state
 
 
 def restore_model(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
@@ -191,16 +345,37 @@ def restore_model(model: torch.nn.Module, state: dict[str, Any], path: str | Pat
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random generator a step may use (torch, numpy, Python), for a bitwise continuation."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every random generator a step may use (torch, numpy, Python) as tensors and plain values, for a bitwise
+    continuation that loads under weights_only."""
+    return {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": _python_rng_state()}
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    bit_generator, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "bit_generator": str(bit_generator),
+        "key": torch.from_numpy(key.astype(np.int64)),  # uint32 words as int64: exact, and loadable everywhere
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+
+
+def _python_rng_state() -> dict[str, Any]:
+    version, internal, gauss_next = random.getstate()
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next}
 
 
 def restore_rng(state: dict[str, Any] | None) -> None:
-    """Put back the generators saved by `rng_state` (older checkpoints have none)."""
-    if state:
-        torch.set_rng_state(state["torch"])
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
+    """Put back the generators saved by `rng_state`, exactly (older checkpoints have none)."""
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    numpy_saved, python_saved = state["numpy"], state["python"]
+    key = numpy_saved["key"].numpy().astype(np.uint32)
+    gauss = numpy_saved["has_gauss"], numpy_saved["cached_gaussian"]
+    np.random.set_state((numpy_saved["bit_generator"], key, numpy_saved["pos"], *gauss))
+    random.setstate((python_saved["version"], tuple(python_saved["internal"].tolist()), python_saved["gauss_next"]))
 
 
 def info(target: str | Path) -> str:

@@ -13,6 +13,8 @@ def _train(args: argparse.Namespace) -> int:
     from hpcdl.faults import Injector
     from hpcdl.train import train
 
+    if args.threads is not None and args.threads < 1:
+        raise HpcdlError(f"--threads {args.threads}: must be >= 1 (torch threads per rank)")
     world = comm.init(verbose=args.verbose, threads=args.threads)
     cfg, faults = world.agree(
         lambda: (config.load(args.config, args.set), Injector(args.fault, world.rank, world.size))
@@ -20,11 +22,11 @@ def _train(args: argparse.Namespace) -> int:
     if args.trace:
         world.agree(lambda: trace.check_path(args.trace))
         trace.start()
-    summary = train(cfg, world, resume=args.resume, faults=faults)
+    summary = train(cfg, world, resume=args.resume, faults=faults, overwrite=args.overwrite)
     if args.trace:
         events = trace.finish(world, args.trace)
         world.log(f"trace: {events:,} events from {world.size} ranks in {args.trace} (open in ui.perfetto.dev)")
-    # A run stopped by SIGTERM/SIGUSR1 has checkpointed; 75 tells the batch script to requeue it.
+    # A run stopped by SIGTERM/SIGUSR1/SIGINT has checkpointed; 75 tells the batch script to requeue it.
     return comm.EXIT_REQUEUE if summary.get("stopped_by") else 0
 
 
@@ -73,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         const="latest",
         help="continue from the run's newest valid checkpoint (latest), from PATH, or with `auto` from the "
         "newest valid one if there is one, else start fresh (the same command for first start and restart)",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start fresh in a run.dir that holds a run: the old run is moved aside to RUN_DIR.old-TIME, never deleted",
     )
     train.add_argument(
         "--fault", action="append", default=[], metavar="KIND@RANK:STEP", help="inject a fault, for tests"

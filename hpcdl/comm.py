@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -23,6 +24,19 @@ EXIT_ERROR = 2
 EXIT_REQUEUE = 75
 # Seconds between printing an abort's cause and MPI_Abort, so the launcher forwards the line first.
 ABORT_GRACE_S = 0.3
+# Seconds a rank other than 0 waits before it reports an error that rank 0 may be reporting too:
+# rank 0's abort usually ends it first, so the job shows one message, not one per rank.
+PEER_DELAY_S = 1.0
+# The set-up limit: how long a start-up collective waits for ranks that never come (0 = forever).
+SETUP_TIMEOUT_ENV, SETUP_TIMEOUT_S = "HPCDL_SETUP_TIMEOUT_S", 60.0
+# Tag of the notes "I have arrived" that ranks send rank 0 at a start-up collective (see wait_for_all).
+ARRIVED_TAG = 30917
+# How many processes a launcher started, in the variables it sets (an MPI launcher's own, torchrun's,
+# Slurm's step and allocation); on a tie the first named is reported.
+LAUNCHED_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
+# Variables an MPI launcher sets in every rank it starts (hydra and srun's PMI, PMIx, Open MPI).
+MPI_LAUNCHED = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")
+LAUNCHER_POLL_S = 0.5  # how often a rank looks whether its launcher is still there
 
 
 def mpi():
@@ -89,8 +103,10 @@ class World:
 
         This is the gate before the first collective that depends on input: every
         rank reaches the same allgather, so a failure on one rank cannot leave the
-        others waiting in a later collective.
+        others waiting in a later collective. A rank that never calls it (code that runs
+        on some ranks only) ends the job after the set-up limit instead of hanging it.
         """
+        wait_for_all(self.comm, f"World.agree (called from {sys._getframe(1).f_code.co_qualname})")
         result, error = None, None
         try:
             result = fn()
@@ -132,10 +148,127 @@ def abort(message: str, code: int = EXIT_ERROR) -> NoReturn:
 
 def _abort_on_exception(exc_type, exc, tb) -> None:
     # An uncaught exception on one rank would leave the others in a collective forever.
+    if mpi().COMM_WORLD.Get_rank() != 0:
+        time.sleep(PEER_DELAY_S)  # a bug often strikes every rank: one traceback, rank 0's
     if issubclass(exc_type, HpcdlError):
         abort(str(exc))
+    if issubclass(exc_type, KeyboardInterrupt):
+        abort("interrupted by SIGINT outside the training loop (nothing to checkpoint there)")
     traceback.print_exception(exc_type, exc, tb)
     abort(f"{exc_type.__name__}: {exc}")
+
+
+def setup_timeout_s() -> float:
+    """The set-up limit in seconds: HPCDL_SETUP_TIMEOUT_S, default 60; 0 waits forever."""
+    value = os.environ.get(SETUP_TIMEOUT_ENV, "")
+    try:
+        seconds = float(value) if value else SETUP_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise HpcdlError(f"{SETUP_TIMEOUT_ENV}={value!r} must be a number of seconds >= 0 (0 waits forever)")
+    return seconds
+
+
+def wait_for_all(comm, what: str) -> None:
+    """Return once every rank of `comm` has reached `what`; end the job if some do not within the set-up limit.
+
+    A non-blocking barrier, polled against a deadline: a rank that never comes (code that
+    runs on some ranks only, a rank stopped at start-up) would hold every other rank in the
+    next blocking collective forever. Each rank also sends rank 0 a note on arrival, so that
+    rank 0 can name who came and who did not.
+    """
+    limit, size = setup_timeout_s(), comm.Get_size()
+    if size == 1 or limit == 0:
+        return
+    MPI, rank = mpi(), comm.Get_rank()
+    notes = np.zeros(size, dtype=np.uint8)
+    if rank == 0:
+        arrivals = [comm.Irecv([notes[r : r + 1], MPI.BYTE], source=r, tag=ARRIVED_TAG) for r in range(1, size)]
+    else:
+        arrivals = [comm.Isend([notes[:1], MPI.BYTE], dest=0, tag=ARRIVED_TAG)]
+    barrier = comm.Ibarrier()
+    # Rank 0 names who came; the others wait a little longer, so that its line usually ends the job.
+    deadline = time.monotonic() + limit + (0 if rank == 0 else max(PEER_DELAY_S, limit / 10))
+    pause = 1e-4
+    while not barrier.Test():
+        if time.monotonic() > deadline:
+            came = [0, *(r for r, note in enumerate(arrivals, 1) if note.Test())] if rank == 0 else None
+            abort(_setup_timeout_message(what, limit, size, came))
+        time.sleep(pause)
+        pause = min(2 * pause, 0.01)
+    MPI.Request.Waitall(arrivals)
+
+
+def _setup_timeout_message(what: str, limit: float, size: int, came: list[int] | None) -> str:
+    """The one line of a set-up timeout: who came (as rank 0 knows it), and the likely causes."""
+    causes = (
+        "is every rank running the same code? (e.g. hpcdl.fit called on rank 0 only); "
+        f"a rank still busy (or a slow start) needs {SETUP_TIMEOUT_ENV} set higher"
+    )
+    if came is None:
+        return f"set-up: not every rank reached {what} within {limit:g} s, and rank 0 did not say who; {causes}"
+    missing = [r for r in range(size) if r not in came]
+    return (
+        f"set-up: only rank(s) {rank_ranges(came)} of {size} reached {what} within {limit:g} s; "
+        f"rank(s) {rank_ranges(missing)} did not; {causes}"
+    )
+
+
+def rank_ranges(ranks: list[int]) -> str:
+    """Sorted ranks as ranges, e.g. [0, 1, 2, 5] -> '0-2, 5' (a line stays short at thousands of ranks)."""
+    parts: list[list[int]] = []
+    for rank in sorted(ranks):
+        if parts and parts[-1][1] == rank - 1:
+            parts[-1][1] = rank
+        else:
+            parts.append([rank, rank])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts)
+
+
+def check_launch(size: int) -> None:
+    """End this process if its launcher started several processes that MPI sees as jobs of one rank each.
+
+    srun with an MPI plugin that does not match the MPI library, torchrun or a plain loop
+    starts N singletons: each would train alone and write the same run folder.
+    """
+    if size > 1:
+        return
+    # The largest count any launcher variable gives: a stale "1" inherited from a parent (hpcdl.init exports
+    # WORLD_SIZE) must not hide the N that srun or torchrun set for this very launch.
+    counts = {name: int(os.environ[name]) for name in LAUNCHED_SIZES if os.environ.get(name, "").isdigit()}
+    name = max(counts, key=counts.get, default=None)
+    started = counts.get(name, 1)
+    if started <= 1:
+        return
+    library = " ".join(mpi().Get_library_version().splitlines()[0].split())
+    print(
+        f"hpcdl: error: the launcher started {started} processes ({name}={started}) but MPI sees each as a job "
+        f"of 1 rank: they would train {started} separate copies into one folder; launch through MPI: "
+        f"`srun --mpi=pmi2` (or pmix; `srun --mpi=list`) or `mpirun -n {started}` of the MPI mpi4py uses ({library})",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.exit(EXIT_ERROR)
+
+
+def watch_launcher(rank: int, size: int) -> None:
+    """End this rank when the launcher process that started it is gone, rather than train on headless."""
+    if size == 1 and not any(name in os.environ for name in MPI_LAUNCHED):
+        return  # started by hand: its parent is a shell, whose end need not end the run
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:  # an orphan is adopted by init or a subreaper
+            time.sleep(LAUNCHER_POLL_S)
+        line = f"hpcdl: error (rank {rank}): the launcher that started it (pid {parent}) is gone; ending the rank"
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except OSError:
+            pass  # the output went through the launcher
+        os._exit(EXIT_ERROR)
+
+    threading.Thread(target=watch, name="hpcdl-launcher", daemon=True).start()
 
 
 def _node_layout(comm) -> tuple[int, int, int, int]:
@@ -175,6 +308,9 @@ _WORLD: World | None = None  # the one World of this process (see init)
 def init(verbose: bool = False, threads: int | None = None) -> World:
     """Start MPI once per process, find this rank's place, set torch threads, and make errors end every rank.
 
+    Refuses a launch that made singletons (see `check_launch`), ends the rank if its
+    launcher goes away, and exports RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE.
+
     Later calls return the same World (the first call's arguments count, except that
     `verbose` and `threads` given later still apply): the command line, `hpcdl.init`,
     `hpcdl.horovod.init` and `hpcdl.Pipeline` all share it.
@@ -183,10 +319,18 @@ def init(verbose: bool = False, threads: int | None = None) -> World:
     if _WORLD is None:
         MPI = mpi()
         comm = MPI.COMM_WORLD
+        check_launch(comm.Get_size())
         sys.excepthook = _abort_on_exception
+        watch_launcher(comm.Get_rank(), comm.Get_size())
+        wait_for_all(comm, "hpcdl's start-up (hpcdl.init)")
         local_rank, local_size, node, num_nodes = _node_layout(comm)
         torch.set_num_threads(threads or threads_per_rank(local_size))
         _WORLD = World(comm, comm.Get_rank(), comm.Get_size(), local_rank, local_size, node, num_nodes, verbose)
+        # For libraries that find their place from the environment, as under torchrun.
+        os.environ.update(
+            RANK=str(_WORLD.rank), WORLD_SIZE=str(_WORLD.size),
+            LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(local_size),
+        )  # fmt: skip
         return _WORLD
     if threads:
         torch.set_num_threads(threads)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import tomllib
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -12,22 +16,89 @@ from typing import Any, get_args, get_origin, get_type_hints
 from hpcdl.errors import ConfigError
 
 
+@dataclass(frozen=True)
+class Range:
+    """The numbers a key accepts: finite, from `low` (excluded with `open_low`) and, with `high`, below it."""
+
+    low: int
+    open_low: bool = False
+    high: int | None = None
+    note: str = ""  # what a boundary value means, said with the message, e.g. "(0 turns the check off)"
+
+    def holds(self, value: float) -> bool:
+        """Whether `value` (a number) lies in the range."""
+        if isinstance(value, float) and not math.isfinite(value):  # ints are finite (and may exceed a float)
+            return False
+        above = value > self.low if self.open_low else value >= self.low
+        return above and (self.high is None or value < self.high)
+
+    def words(self, integer: bool) -> str:
+        """The range as the message says it, e.g. "a positive integer" or "a finite number > 0"."""
+        if integer and self.low == 1 and not self.open_low and self.high is None:
+            return "a positive integer"
+        words = f"{'' if integer else 'a finite number '}{'>' if self.open_low else '>='} {self.low}"
+        return words + (f" and < {self.high}" if self.high is not None else "")
+
+
+POSITIVE = Range(1)  # counts and sizes
+NON_NEGATIVE = Range(0)
+ABOVE_ZERO = Range(0, open_low=True)
+# 0 <= seed < 2**32: numpy's SeedSequence takes any size and torch.manual_seed up to 2**64, but numpy's legacy
+# np.random.seed (RandomState) refuses 2**32 and up; a seed that every RNG takes can be handed on by users' code.
+SEEDS = Range(0, high=2**32)
+COMPRESSIONS = ("none", "fp16", "bf16")  # gradients' type on the wire (hpcdl.parallel.grad_sync.WIRE_DTYPES)
+
+
+def check_number(name: str, value: Any, limits: Range, integer: bool = False) -> None:
+    """Raise ConfigError unless `value` is a number (an int with `integer`, never a bool) within `limits`."""
+    kinds = int if integer else int | float
+    if not isinstance(value, kinds) or isinstance(value, bool) or not limits.holds(value):
+        note = f" {limits.note}" if limits.note else ""
+        raise ConfigError(f"{name} must be {limits.words(integer)}{note}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
+    """Raise ConfigError unless `value` is one of `allowed`."""
+    if value not in allowed:
+        raise ConfigError(f"{name} = {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def check_flag(name: str, value: Any) -> None:
+    """Raise ConfigError unless `value` is True or False."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+
+
+def check_path(name: str, value: Any) -> None:
+    """Raise ConfigError unless `value` is a file path: a non-empty str or os.PathLike (e.g. pathlib.Path)."""
+    if not isinstance(value, str | os.PathLike) or not os.fspath(value):
+        raise ConfigError(f"{name} must be a path (str or pathlib.Path), got {value!r}")
+
+
+def number(default: float, limits: Range) -> Any:
+    """A numeric config field whose values `Config.check` holds to `limits`."""
+    return field(default=default, metadata={"range": limits})
+
+
+def numbers(default: Callable[[], list], limits: Range) -> Any:
+    """A config field listing numbers, each held to `limits`."""
+    return field(default_factory=default, metadata={"range": limits})
+
+
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     """Where samples come from and how they are split across ranks."""
 
     path: str = ""
     partition: str = "global"  # global | block (how rows are dealt to ranks); "columns" is parallel.mode now
-    cache_mb: float = 1024.0  # a rank caches what it reads when it fits this budget
-    prefetch: int = 2  # batches read ahead by a background thread; 0 = synchronous
+    cache_mb: float = number(1024.0, NON_NEGATIVE)  # a rank caches what it reads when it fits this budget
+    prefetch: int = number(2, NON_NEGATIVE)  # batches read ahead by a background thread; 0 = synchronous
     scan: bool = False  # scan features for NaN/Inf before training
     drop_last: bool = False  # drop the final partial global batch of an epoch
 
     def check(self) -> None:
         _need(bool(self.path), "data.path", "must name an HDF5 file (see datasets/README.md)")
         _choice("data.partition", self.partition, ("global", "block", "columns"))
-        _need(self.cache_mb >= 0, "data.cache_mb", "must be >= 0")
-        _need(self.prefetch >= 0, "data.prefetch", "must be >= 0")
 
 
 # The built-in model families (hpcdl.models builds them and asserts the two lists are equal).
@@ -43,12 +114,12 @@ class ModelConfig:
     """Which network, and the sizes of its layers (input and output sizes come from the data)."""
 
     name: str = "mlp"
-    hidden: list[int] = field(default_factory=lambda: [128])  # mlp
-    channels: list[int] = field(default_factory=lambda: [32, 64])  # cnn
-    fc: int = 128  # cnn
+    hidden: list[int] = numbers(lambda: [128], POSITIVE)  # mlp
+    channels: list[int] = numbers(lambda: [32, 64], POSITIVE)  # cnn
+    fc: int = number(128, POSITIVE)  # cnn
     cell: str = "lstm"  # rnn: lstm | gru
-    rnn_hidden: int = 64
-    rnn_layers: int = 1
+    rnn_hidden: int = number(64, POSITIVE)
+    rnn_layers: int = number(1, POSITIVE)
     dtype: str = "float32"  # parameters of the built-in models, and the features fed to any model
     factory: str = ""  # "package.module:function" building your own model (see hpcdl.models.from_factory)
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the factory
@@ -61,10 +132,6 @@ class ModelConfig:
         else:
             _need(not self.kwargs, "model.kwargs", "are only used with model.factory")
         _choice("model.name", self.name, MODEL_NAMES)
-        _need(all(h > 0 for h in self.hidden), "model.hidden", "sizes must be positive")
-        _need(all(c > 0 for c in self.channels), "model.channels", "sizes must be positive")
-        _need(self.fc > 0 and self.rnn_hidden > 0, "model.fc/rnn_hidden", "must be positive")
-        _need(self.rnn_layers > 0, "model.rnn_layers", "must be positive")
         _choice("model.cell", self.cell, ("lstm", "gru"))
         _choice("model.dtype", self.dtype, DTYPES)
 
@@ -73,21 +140,18 @@ class ModelConfig:
 class TrainConfig:
     """The optimisation: epochs, the global batch (over all ranks), optimizer and seed."""
 
-    epochs: int = 10
-    batch_size: int = 64  # global: split over ranks, so results do not depend on their number
-    lr: float = 0.01
+    epochs: int = number(10, POSITIVE)
+    batch_size: int = number(64, POSITIVE)  # global: split over ranks, so results do not depend on their number
+    lr: float = number(0.01, ABOVE_ZERO)
     optimizer: str = "sgd"  # sgd | adam | adamw
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    seed: int = 0
-    max_steps: int = 0  # stop after this many steps in total; 0 = run all epochs
+    # No upper bound: torch's SGD takes momentum >= 1 (and diverges), so refusing it here would be a guess.
+    momentum: float = number(0.9, NON_NEGATIVE)  # sgd
+    weight_decay: float = number(0.0, NON_NEGATIVE)
+    seed: int = number(0, SEEDS)
+    max_steps: int = number(0, NON_NEGATIVE)  # stop after this many steps in total; 0 = run all epochs
 
     def check(self) -> None:
-        _need(self.epochs > 0, "train.epochs", "must be a positive integer")
-        _need(self.batch_size > 0, "train.batch_size", "must be a positive integer")
-        _need(self.lr > 0, "train.lr", "must be positive")
         _choice("train.optimizer", self.optimizer, ("sgd", "adam", "adamw"))
-        _need(self.max_steps >= 0, "train.max_steps", "must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -95,22 +159,23 @@ class RunConfig:
     """Where logs and checkpoints go and how often they are written."""
 
     dir: str = "runs/default"
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
-    keep: int = 3  # checkpoints kept
+    checkpoint_every: int = number(0, NON_NEGATIVE)  # steps between checkpoints; 0 = only at the end
+    keep: int = number(3, POSITIVE)  # checkpoints kept
     progress: bool = True  # progress bar on rank 0
-    warmup_steps: int = 0  # first steps left out of the summary's timings (samples/s, time split)
-    watchdog_s: float = 900.0  # a step running longer ends the job with a report of the stuck ranks; 0 = off
+    warmup_steps: int = number(0, NON_NEGATIVE)  # first steps left out of the summary's timings (samples/s, split)
+    # A step running longer ends the job with a report of the stuck ranks: "auto" derives the limit from
+    # measured step times (see hpcdl.watchdog); a number of seconds fixes it; 0 turns it off.
+    watchdog_s: float | str = "auto"
     nan_policy: str = "abort"  # abort | skip: what a NaN/Inf loss or gradient does
-    check_every: int = 100  # steps between cross-rank checks that replicas hold equal parameters; 0 = off
+    # Steps between cross-rank checks that replicas hold equal parameters.
+    check_every: int = number(100, Range(0, note="(0 turns the check off)"))
 
     def check(self) -> None:
         _need(bool(self.dir), "run.dir", "must name a folder")
-        _need(self.watchdog_s >= 0, "run.watchdog_s", "must be >= 0 (0 turns the watchdog off)")
+        auto = self.watchdog_s == "auto"
+        _need(auto or _finite(self.watchdog_s) and self.watchdog_s >= 0, "run.watchdog_s",
+              "must be >= 0 seconds (0 turns the watchdog off) or 'auto'")  # fmt: skip
         _choice("run.nan_policy", self.nan_policy, ("abort", "skip"))
-        _need(self.check_every >= 0, "run.check_every", "must be >= 0 (0 turns the check off)")
-        _need(self.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0")
-        _need(self.keep > 0, "run.keep", "must be >= 1")
-        _need(self.warmup_steps >= 0, "run.warmup_steps", "must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -118,27 +183,24 @@ class ParallelConfig:
     """How the work is split across ranks."""
 
     mode: str = "data"  # data | pipeline | tensor | columns (mlp: each rank reads its feature columns)
-    bucket_mb: float = 25.0  # gradient bucket size: one Iallreduce per bucket
+    bucket_mb: float = number(25.0, ABOVE_ZERO)  # gradient bucket size: one Iallreduce per bucket
     overlap: bool = True  # start each bucket's Allreduce during backward
     compression: str = "none"  # none | fp16 | bf16: gradients' type on the wire
-    accumulate_steps: int = 1  # global batches per optimizer step (communicate on the last)
-    stages: int = 1  # pipeline: ranks the model's layers are cut over
-    micro_batches: int = 1  # pipeline: micro-batches per global batch
+    accumulate_steps: int = number(1, POSITIVE)  # global batches per optimizer step (communicate on the last)
+    stages: int = number(1, POSITIVE)  # pipeline: ranks the model's layers are cut over
+    micro_batches: int = number(1, POSITIVE)  # pipeline: micro-batches per global batch
     schedule: str = "1f1b"  # pipeline: gpipe | 1f1b
     balance: str = "params"  # pipeline: params | time (measured per layer), unless cuts are named
-    cuts: list[int] = field(default_factory=list)  # pipeline: layer indices where stages 2..S begin
-    replicas: int = 1  # pipeline/tensor: data-parallel copies; world = replicas x stages (or x tensor)
-    tensor: int = 1  # tensor: ranks each MLP layer pair is split over
+    # pipeline: layer indices where stages 2..S begin (checked against the model's layers by parallel.layout)
+    cuts: list[int] = field(default_factory=list)
+    replicas: int = number(1, POSITIVE)  # pipeline/tensor: data-parallel copies; world = replicas x stages/tensor
+    tensor: int = number(1, POSITIVE)  # tensor: ranks each MLP layer pair is split over
 
     def check(self) -> None:
         _choice("parallel.mode", self.mode, MODES)
-        for key in ("stages", "micro_batches", "replicas", "tensor"):
-            _need(getattr(self, key) >= 1, f"parallel.{key}", "must be >= 1")
         _choice("parallel.schedule", self.schedule, ("gpipe", "1f1b"))
         _choice("parallel.balance", self.balance, ("params", "time"))
-        _need(self.bucket_mb > 0, "parallel.bucket_mb", "must be positive")
-        _choice("parallel.compression", self.compression, ("none", "fp16", "bf16"))
-        _need(self.accumulate_steps >= 1, "parallel.accumulate_steps", "must be >= 1")
+        _choice("parallel.compression", self.compression, COMPRESSIONS)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -157,6 +219,7 @@ class Config:
     def check(self) -> Config:
         """Validate every section; raise ConfigError naming the first bad key."""
         for section in SECTIONS:
+            _check_numbers(section, getattr(self, section))
             getattr(self, section).check()
         steps = self.parallel.accumulate_steps
         for key, value in (
@@ -190,12 +253,39 @@ def _need(ok: bool, key: str, what: str) -> None:
 
 
 def _choice(key: str, value: object, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"config: {key} = {value!r} is not one of {', '.join(map(str, allowed))}")
+    check_choice(f"config: {key}", value, allowed)
+
+
+def _check_numbers(section: str, values: Any) -> None:
+    """Every numeric key of a section (each item of a list of numbers) within the Range its field declares."""
+    hints = get_type_hints(type(values))
+    for spec in dataclasses.fields(values):
+        limits = spec.metadata.get("range")
+        if limits is None:
+            continue
+        key, value = f"config: {section}.{spec.name}", getattr(values, spec.name)
+        integer = int in (hints[spec.name], *get_args(hints[spec.name]))  # int, or list[int]
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                check_number(f"{key}[{index}]", item, limits, integer)
+        else:
+            check_number(key, value, limits, integer)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:
     """Check a TOML value against a field's type; ints are accepted where floats are."""
+    if isinstance(kind, types.UnionType):  # e.g. float | str: the first member the value fits
+        for member in get_args(kind):
+            try:
+                return _coerce(key, value, member)
+            except ConfigError:
+                continue
+        names = " or ".join(member.__name__ for member in get_args(kind))
+        raise ConfigError(f"config: {key} must be {names}, got {value!r}")
     if get_origin(kind) is dict:
         # A table passed through as is (e.g. model.kwargs): its values are the user's to check.
         if not isinstance(value, dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import time
@@ -76,6 +77,32 @@ def resource_figures(world: World, threads: int) -> dict[str, Any]:
     }
 
 
+def strict_json(record: dict[str, Any], indent: int | None = None) -> str:
+    """`record` as strict JSON: each NaN/Inf becomes null, and "nonfinite" maps its key to what it was.
+
+    Python's json writes bare NaN and Infinity, which other readers (jq, JavaScript, many others) refuse.
+    """
+    nonfinite: dict[str, str] = {}
+    clean = _finite_only(record, "", nonfinite)
+    if nonfinite:
+        clean["nonfinite"] = nonfinite
+    return json.dumps(clean, indent=indent, allow_nan=False)
+
+
+def _finite_only(value: Any, key: str, nonfinite: dict[str, str]) -> Any:
+    """`value` with non-finite floats replaced by None, each recorded in `nonfinite` by its dotted key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        nonfinite[key] = str(value)  # "nan", "inf" or "-inf"
+        return None
+    if isinstance(value, dict):
+        return {
+            name: _finite_only(item, f"{key}.{name}" if key else str(name), nonfinite) for name, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_finite_only(item, f"{key}[{index}]", nonfinite) for index, item in enumerate(value)]
+    return value
+
+
 class JsonlLog:
     """Append-only JSON-lines log written by rank 0 (one object per event)."""
 
@@ -87,7 +114,7 @@ class JsonlLog:
         if self.path is None:
             return
         with self.path.open("a") as out:
-            out.write(json.dumps({"time": time.time(), **record}) + "\n")
+            out.write(strict_json({"time": time.time(), **record}) + "\n")
 
 
 class StepClock:

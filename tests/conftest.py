@@ -42,9 +42,10 @@ def hpcdl_train(ranks: int, config: str, *sets: str, extra: tuple[str, ...] = ()
     return run_mpi(ranks, *args, timeout=timeout)
 
 
-def run_watched(ranks: int, args: list[str], marker: str, on_marker=None, timeout: float = 180):
-    """Like run_mpi, also timing the job's end from the first stderr line holding `marker`
+def run_watched(ranks: int, args: list[str], marker: str | tuple[str, ...], on_marker=None, timeout: float = 180):
+    """Like run_mpi, also timing the job's end from the first stderr line holding `marker` (or any of several)
     (`on_marker(process)` runs then). Returns (status, stdout, stderr, seconds from marker to exit)."""
+    markers = (marker,) if isinstance(marker, str) else marker
     import threading
     import time
 
@@ -58,7 +59,7 @@ def run_watched(ranks: int, args: list[str], marker: str, on_marker=None, timeou
     def read_stderr() -> None:
         for line in proc.stderr:
             err.append(line)
-            if marker in line and not seen:
+            if any(m in line for m in markers) and not seen:
                 seen.append(time.monotonic())
                 if on_marker:
                     on_marker(proc)

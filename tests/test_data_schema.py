@@ -259,7 +259,7 @@ def test_bad_file(tmp_path, case):
 
 def test_nan_only_with_scan(tmp_path, monkeypatch):
     path = write_h5(tmp_path / "nan.h5", edit=edit_set("train/x", (117, 3), np.nan))
-    assert validate(path).sizes["train"] == 200  # labels only: the features are not read
+    assert validate(path).sizes["train"] == 200  # without the scan /train's features are not read
     monkeypatch.setattr(schema, "SCAN_READ_BYTES", 16 * 8 * 4)  # 16-row reads: the NaN is in a later one
     with pytest.raises(DataError, match=r"'/train/x' has NaN/Inf values: first NaN in sample 117 of split '/train'"):
         validate(path, scan=True)
@@ -290,6 +290,77 @@ def test_labels_read_in_bounded_blocks(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"\(min -2, max 7; first at index 150: 7\)"):
         validate(path)
     assert max(reads) == 32
+
+
+# ---- warnings, external files, /val scanned at every start ----------------------------------------------
+
+
+def test_labels_using_few_classes_warn(tmp_path):
+    info = validate(write_h5(tmp_path / "few.h5", classes=3, edit=edit_attr(num_classes=10)))
+    assert info.warnings == ("labels of /train use 3 of num_classes = 10 (0, 1, 2); the model will have 10 outputs",)
+    assert validate(write_h5(tmp_path / "all.h5", classes=3)).warnings == ()
+
+
+def test_labels_missing_a_few_of_many_classes_name_those(tmp_path):
+    info = validate(write_h5(tmp_path / "many.h5", n_train=400, classes=12, edit=edit_attr(num_classes=14)))
+    (warning,) = info.warnings
+    assert warning == "labels of /train use 12 of num_classes = 14 (none of 12, 13); the model will have 14 outputs"
+
+
+def link_to(filename: str, name: str, target: str):
+    def edit(f):
+        del f[name]
+        f[name] = h5py.ExternalLink(filename, target)
+
+    return edit
+
+
+@pytest.mark.parametrize("name, target", [("train/x", "/x"), ("val", "/val")])
+def test_external_link_to_a_missing_file(tmp_path, name, target):
+    path = write_h5(tmp_path / "links.h5", edit=link_to("gone.h5", name, target))
+    with pytest.raises(DataError, match=rf"'/{name}' is an external link to missing file gone\.h5"):
+        validate(path)
+
+
+def test_external_link_to_a_missing_object(tmp_path):
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["y"] = np.zeros(3)
+    path = write_h5(tmp_path / "links.h5", edit=link_to("other.h5", "train/x", "/x"))
+    with pytest.raises(DataError, match=r"'/train/x' is an external link to '/x' in other\.h5, which cannot be"):
+        validate(path)
+
+
+def test_external_storage_in_a_missing_file(tmp_path, monkeypatch):
+    def external(f):
+        del f["val/x"]
+        f.create_dataset("val/x", shape=(40, 8), dtype="float32", external=[("raw.bin", 0, 40 * 8 * 4)])
+
+    path = write_h5(tmp_path / "external.h5", edit=external)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "raw.bin").write_bytes(np.ones((40, 8), dtype=np.float32).tobytes())
+    assert validate(path).sizes == {"train": 200, "val": 40}
+    (tmp_path / "raw.bin").unlink()
+    with pytest.raises(DataError, match=r"'/val/x' keeps its data in external file raw\.bin, which is missing"):
+        validate(path)
+
+
+def test_nan_in_val_is_an_error_without_scan(tmp_path):
+    path = write_h5(tmp_path / "val.h5", edit=edit_set("val/x", (21, 5), np.nan))
+    with pytest.raises(DataError) as caught:
+        validate(path)
+    assert str(caught.value) == (
+        f"{path}: '/val/x' has NaN/Inf values: first NaN in sample 21 of split '/val' (x[21, 5] = nan); "
+        f"fix or drop those samples (`hpcdl data info {path} --scan` checks every split)"
+    )
+
+
+def test_a_large_val_is_not_scanned_and_says_so(tmp_path, monkeypatch):
+    path = write_h5(tmp_path / "val.h5", edit=edit_set("val/x", (21, 5), np.inf))
+    monkeypatch.setattr(schema, "VAL_SCAN_BYTES", 40 * 8 * 4 - 1)
+    (note,) = validate(path).warnings
+    assert note.startswith("/val/x (0 MiB) was not scanned for NaN/Inf") and f"data info {path} --scan" in note
+    with pytest.raises(DataError, match=r"first Inf in sample 21 of split '/val' \(x\[21, 5\] = inf\)"):
+        validate(path, scan=True)
 
 
 def test_describe(tmp_path):

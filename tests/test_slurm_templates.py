@@ -157,7 +157,10 @@ def test_train_templates_run_with_both_launchers(cluster, capsys, monkeypatch, d
     for name, (info, log) in results.items():
         assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{name}:\n{log}"
         assert "hpcdl: 2 ranks on 1 node(s)" in log and "training ended with status 0" in log, log
+        # One job of 2 ranks, not 2 jobs of 1 rank each (the cluster's MpiDefault is none).
+        assert log.count(" ranks on ") == 1, log
         assert read_summary(tmp_path / name)["val_acc"] > 0.8
+    assert "hpcdl-slurm: launching with srun --mpi=pmi2" in results["srun"][1]
     assert "local rank 0 -> GPU 3" in results["gpu"][1] and "local rank 1 -> GPU 5" in results["gpu"][1]
     assert results["cpu"][1].count("no GPU allocated, running on CPU") == 2
     # Same ranks, same answer, whichever launcher; and the one-process reference agrees.
@@ -172,6 +175,18 @@ def test_train_templates_run_with_both_launchers(cluster, capsys, monkeypatch, d
     assert status == 0
     assert re.match(rf"job {jobs['srun']} \(hpcdl-train\): COMPLETED, exit 0:0, restarts 0, ", out), out
     assert "training ended with status 0" in out.splitlines()[-1]
+
+
+@pytest.mark.slurm
+def test_srun_plugin_that_starts_singletons_is_refused(cluster, capsys, datasets, tmp_path):
+    # srun --mpi=none starts 2 processes that MPI sees as 2 jobs of 1 rank: each must refuse to train.
+    args = ("--ntasks-per-node=2", "--knob=SRUN_MPI=none", "--run-dir=singletons", *data_args(datasets, *SGD))
+    info, log = finished(submit(capsys, tmp_path, "train", *args))
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), log
+    assert "hpcdl-slurm: launching with srun --mpi=none" in log, log
+    refusal = "the launcher started 2 processes (SLURM_STEP_NUM_TASKS=2) but MPI sees each as a job of 1 rank"
+    assert log.count(refusal) == 2 and "srun --mpi=pmi2" in log, log
+    assert " ranks on " not in log and not (tmp_path / "singletons").exists(), log
 
 
 @pytest.mark.slurm

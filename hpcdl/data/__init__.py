@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported lazily: `python -m hpcdl data ...` must not start MPI or load torch early
     import torch
@@ -48,17 +49,35 @@ class RankLoader:
         self.loader.reader.close()
 
 
-def _check_arguments(batch_size: int, partition: str) -> None:
-    from hpcdl.errors import ConfigError
+def _check_arguments(
+    path: Any,
+    split: Any,
+    batch_size: Any,
+    partition: Any,
+    seed: Any,
+    shuffle: Any,
+    drop_last: Any,
+    prefetch: Any,
+    cache_mb: Any,
+) -> None:
+    """open's arguments, held to the config's ranges: a ConfigError naming the first one that is wrong."""
+    from hpcdl.config import NON_NEGATIVE, POSITIVE, SEEDS, check_choice, check_flag, check_number, check_path
+    from hpcdl.data.schema import SPLITS
 
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ConfigError(f"hpcdl.data.open: batch_size must be a positive integer, got {batch_size!r}")
-    if partition not in PARTITIONS:
-        raise ConfigError(f"hpcdl.data.open: partition = {partition!r} is not one of {', '.join(PARTITIONS)}")
+    check_path("hpcdl.data.open: path", path)
+    check_choice("hpcdl.data.open: split", split, SPLITS)
+    check_number("hpcdl.data.open: batch_size", batch_size, POSITIVE, integer=True)
+    check_choice("hpcdl.data.open: partition", partition, PARTITIONS)
+    check_number("hpcdl.data.open: seed", seed, SEEDS, integer=True)
+    if shuffle is not None:  # None: the split's default
+        check_flag("hpcdl.data.open: shuffle", shuffle)
+    check_flag("hpcdl.data.open: drop_last", drop_last)
+    check_number("hpcdl.data.open: prefetch", prefetch, NON_NEGATIVE, integer=True)
+    check_number("hpcdl.data.open: cache_mb", cache_mb, NON_NEGATIVE)
 
 
 def open(  # noqa: A001 - hpcdl.data.open, like h5py.File / builtins.open for a dataset
-    path: str,
+    path: str | os.PathLike[str],
     split: str = "train",
     batch_size: int = 64,
     partition: str = "global",
@@ -88,7 +107,7 @@ def open(  # noqa: A001 - hpcdl.data.open, like h5py.File / builtins.open for a 
     world = world or init()
 
     def check() -> DatasetInfo | None:
-        _check_arguments(batch_size, partition)
+        _check_arguments(path, split, batch_size, partition, seed, shuffle, drop_last, prefetch, cache_mb)
         return validate(path, splits=(split,)) if world.is_root else None
 
     info = world.comm.bcast(world.agree(check), root=0)

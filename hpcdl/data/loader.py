@@ -33,6 +33,7 @@ class Batch:
     y: torch.Tensor
     global_count: int
     wait_s: float = 0.0  # time the training step waited for this batch
+    indices: np.ndarray | None = None  # the split's rows it holds, in order (None for a batch built by hand)
 
 
 def contiguous_runs(sorted_indices: np.ndarray) -> list[tuple[int, int, int]]:
@@ -188,7 +189,7 @@ class Loader:
         features = torch.from_numpy(x)
         if self.dtype is not None and features.dtype != self.dtype:
             features = features.to(self.dtype)
-        return Batch(features, torch.from_numpy(y), plan.global_count)
+        return Batch(features, torch.from_numpy(y), plan.global_count, indices=plan.local)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Batches of `epoch` from `start_step` on; `wait_s` says how long each one was waited for."""

@@ -19,11 +19,17 @@ import numpy as np
 
 from hpcdl.errors import DataError
 
+SPLITS = ("train", "val")
 REQUIRED_ATTRS = ("num_classes", "feature_shape", "generator", "seed")
 README = "see datasets/README.md"
 # Reads during validation stay below these sizes, whatever the size of the file.
 LABEL_READ_BYTES = 8 << 20
 SCAN_READ_BYTES = 32 << 20
+# /val is scanned for NaN/Inf at every start up to this size (a NaN there would only show as val_loss=nan);
+# a larger /val is left to `hpcdl data info FILE --scan` (or data.scan), with a note.
+VAL_SCAN_BYTES = 256 << 20
+# A warning lists at most this many class indices.
+LISTED_CLASSES = 10
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class DatasetInfo:
     feature_shape: tuple[int, ...]
     sizes: dict[str, int]
     attrs: dict
+    warnings: tuple[str, ...] = ()  # what is valid but likely a mistake (e.g. classes no label uses), said at start
 
 
 def plain(value: Any) -> Any:
@@ -116,8 +123,53 @@ def _datasets(path: str, file: h5py.File, splits: tuple[str, ...]) -> dict[str, 
         except (KeyError, TypeError, ValueError):  # e.g. /train exists but is a dataset, not a group
             found[name] = None
         if not isinstance(found[name], h5py.Dataset):
+            _check_external_links(path, file, name)
             raise DataError(f"{path}: missing dataset '{name}' (expected {', '.join(names)}; {README})")
     return found
+
+
+def _opens(file: h5py.File, name: str) -> bool:
+    try:
+        return file.get(name) is not None
+    except (KeyError, OSError, TypeError, ValueError):
+        return False
+
+
+def _check_external_links(path: str, file: h5py.File, name: str) -> None:
+    """Name the external link on the way to `name` that cannot be followed, if one is why `name` is missing."""
+    parts = name.strip("/").split("/")
+    for depth in range(1, len(parts) + 1):
+        where = "/" + "/".join(parts[:depth])
+        try:
+            link = file.get(where, getlink=True)
+        except (KeyError, OSError, TypeError, ValueError):
+            return
+        if isinstance(link, h5py.ExternalLink) and not _opens(file, where):
+            # HDF5 looks for a link's file beside the linking file, then as named (from the working directory).
+            beside = os.path.join(os.path.dirname(os.path.abspath(path)), link.filename)
+            if not (os.path.exists(beside) or os.path.exists(link.filename)):
+                raise DataError(
+                    f"{path}: '{where}' is an external link to missing file {link.filename} (looked for beside "
+                    "the file and in the working directory); put it there or store the data in this file"
+                )
+            raise DataError(
+                f"{path}: '{where}' is an external link to '{link.path}' in {link.filename}, which cannot be "
+                "opened; check that object exists in that file"
+            )
+
+
+def _check_external_storage(path: str, dataset: h5py.Dataset) -> None:
+    """A dataset whose raw data lives in other files (HDF5 external storage) names the first missing one."""
+    # Read as HDF5 does: each name under HDF5_EXTFILE_PREFIX ("${ORIGIN}": the file's folder), else the working
+    # directory (h5py sets no prefix of its own).
+    prefix = os.environ.get("HDF5_EXTFILE_PREFIX", "").replace("${ORIGIN}", os.path.dirname(os.path.abspath(path)))
+    for name, _offset, _size in dataset.external or ():
+        if not os.path.exists(os.path.join(prefix, name)):
+            where = prefix or f"the working directory {os.getcwd()}"
+            raise DataError(
+                f"{path}: '{dataset.name}' keeps its data in external file {name}, which is missing (looked for "
+                f"in {where}); put it there or store the data in this file"
+            )
 
 
 def _check_split(path: str, x: h5py.Dataset, y: h5py.Dataset, feature_shape: tuple[int, ...]) -> int:
@@ -144,8 +196,10 @@ def _check_split(path: str, x: h5py.Dataset, y: h5py.Dataset, feature_shape: tup
     return int(x.shape[0])
 
 
-def _check_labels(path: str, y: h5py.Dataset, num_classes: int) -> None:
+def _check_labels(path: str, y: h5py.Dataset, num_classes: int) -> np.ndarray:
+    """Labels in 0..num_classes-1, else a DataError naming the first bad one; returns the count of each class."""
     low, high, first_bad = None, None, None
+    counts = np.zeros(num_classes, dtype=np.int64)
     for start, stop in row_blocks(y, LABEL_READ_BYTES):
         labels = _read(path, y, start, stop)
         block_low, block_high = int(labels.min()), int(labels.max())
@@ -154,30 +208,71 @@ def _check_labels(path: str, y: h5py.Dataset, num_classes: int) -> None:
         if first_bad is None and (block_low < 0 or block_high >= num_classes):
             offset = int(np.flatnonzero((labels < 0) | (labels >= num_classes))[0])
             first_bad = (start + offset, int(labels[offset]))
+        if first_bad is None:  # counted only while every label is a class (an error follows otherwise)
+            counts += np.bincount(labels, minlength=num_classes)
     if first_bad is not None:
         index, value = first_bad
         raise DataError(
             f"{path}: '{y.name}' has labels outside 0..{num_classes - 1} (min {low}, max {high}; "
             f"first at index {index}: {value}); labels must be class indices below num_classes={num_classes}"
         )
+    return counts
+
+
+def _listed(classes: np.ndarray) -> str:
+    shown = ", ".join(map(str, classes[:LISTED_CLASSES]))
+    return shown + (f", ... ({len(classes) - LISTED_CLASSES} more)" if len(classes) > LISTED_CLASSES else "")
+
+
+def _unused_classes_warning(split: str, counts: np.ndarray) -> list[str]:
+    """A warning when the split's labels leave classes unused: the model still gets an output for each."""
+    used, unused = np.flatnonzero(counts), np.flatnonzero(counts == 0)
+    if not len(unused):
+        return []
+    which = f"({_listed(used)})" if len(used) <= len(unused) else f"(none of {_listed(unused)})"
+    return [
+        f"labels of /{split} use {len(used)} of num_classes = {len(counts)} {which}; "
+        f"the model will have {len(counts)} outputs"
+    ]
 
 
 def _scan_features(path: str, x: h5py.Dataset) -> None:
+    """A DataError naming the split, sample and value of the first NaN or Inf in `x`."""
     for start, stop in row_blocks(x, SCAN_READ_BYTES):
         block = _read(path, x, start, stop)
         finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
         if not finite.all():
             offset = int(np.flatnonzero(~finite)[0])
-            kind = "NaN" if np.isnan(block[offset]).any() else "Inf"
+            row = block[offset]
+            feature = np.unravel_index(int(np.flatnonzero(~np.isfinite(row))[0]), row.shape)
+            value = float(row[feature])
+            index = ", ".join(map(str, (start + offset, *map(int, feature))))
             raise DataError(
-                f"{path}: '{x.name}' has NaN/Inf values: first {kind} in sample {start + offset} "
-                f"of split '{x.parent.name}'; fix or drop those samples"
+                f"{path}: '{x.name}' has NaN/Inf values: first {'NaN' if math.isnan(value) else 'Inf'} in sample "
+                f"{start + offset} of split '{x.parent.name}' (x[{index}] = {value}); fix or drop those samples "
+                f"(`hpcdl data info {path} --scan` checks every split)"
             )
 
 
-def validate(path: str, splits: tuple[str, ...] = ("train", "val"), scan: bool = False) -> DatasetInfo:
-    """Check a dataset file against the schema; raise DataError naming the file and what to do."""
+def _scan_val(path: str, x: h5py.Dataset) -> list[str]:
+    """/val's features scanned for NaN/Inf when small enough, else a note that they were not."""
+    if x.nbytes > VAL_SCAN_BYTES:
+        return [
+            f"/val/x ({x.nbytes / 2**20:,.0f} MiB) was not scanned for NaN/Inf (only up to {VAL_SCAN_BYTES >> 20} "
+            f"MiB is, at every start); scan the file once with `hpcdl data info {path} --scan`"
+        ]
+    _scan_features(path, x)
+    return []
+
+
+def validate(path: str | os.PathLike[str], splits: tuple[str, ...] = SPLITS, scan: bool = False) -> DatasetInfo:
+    """Check a dataset file against the schema; raise DataError naming the file and what to do.
+
+    Features are scanned for NaN/Inf: /val's always (up to VAL_SCAN_BYTES), every split's with `scan`.
+    What is valid but likely a mistake comes back in `warnings`.
+    """
     path = os.fspath(path)
+    warnings: list[str] = []
     with _open(path) as file:
         num_classes, feature_shape, attrs = _check_attrs(path, file)
         datasets = _datasets(path, file, splits)
@@ -185,10 +280,16 @@ def validate(path: str, splits: tuple[str, ...] = ("train", "val"), scan: bool =
         for split in splits:
             x, y = datasets[f"/{split}/x"], datasets[f"/{split}/y"]
             sizes[split] = _check_split(path, x, y, feature_shape)
-            _check_labels(path, y, num_classes)
+            _check_external_storage(path, x)
+            _check_external_storage(path, y)
+            counts = _check_labels(path, y, num_classes)
+            if split == "train":
+                warnings += _unused_classes_warning(split, counts)
             if scan:
                 _scan_features(path, x)
-    return DatasetInfo(path, num_classes, feature_shape, sizes, attrs)
+            elif split == "val":
+                warnings += _scan_val(path, x)
+    return DatasetInfo(path, num_classes, feature_shape, sizes, attrs, tuple(warnings))
 
 
 def _storage(name: str, dataset: h5py.Dataset) -> str:
@@ -215,4 +316,5 @@ def describe(info: DatasetInfo) -> str:
         for split, size in info.sizes.items():
             lines.append(f"  /{split}  {size:,} samples")
             lines += [_storage(part, file[f"{split}/{part}"]) for part in ("x", "y")]
+    lines += [f"  warning: {warning}" for warning in info.warnings]
     return "\n".join(lines)

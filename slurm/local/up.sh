@@ -58,7 +58,8 @@ SlurmdUser=root
 AuthType=auth/munge
 MailProg=/bin/true
 CryptoType=crypto/munge
-MpiDefault=pmi2
+# As on many clusters, srun starts no MPI plugin unless asked: the templates must pass --mpi (SRUN_MPI).
+MpiDefault=none
 # No cgroups in containers: track processes through /proc, bind nothing.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -1,0 +1,291 @@
+"""Everything a run checks and prepares before its first step, on every rank: all fail together or none does.
+
+Data, layout, model (does it take these samples and give one output per class? does it fit in
+memory?), checkpoint, and the run folder (one live run, no fresh start over an old run, a resume
+whose config change keeps the saved position meaningful, every path writable, room for a
+checkpoint). Nothing is written until every check has passed on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpcdl import checkpoint, rundir
+from hpcdl.comm import World
+from hpcdl.config import Config
+from hpcdl.data.loader import Loader, SplitReader
+from hpcdl.data.partition import DataShare, Partition
+from hpcdl.data.schema import DatasetInfo, validate
+from hpcdl.errors import ConfigError, HpcdlError
+from hpcdl.models import build, is_meta, materialize, torch_dtype
+from hpcdl.parallel.layout import Layout
+
+# Bytes per parameter beside the parameter itself: its gradient, and the optimizer's slots.
+OPTIMIZER_SLOTS = {"sgd": 1, "adam": 2, "adamw": 2}
+
+
+@dataclass
+class RunState:
+    """Where a run is: what a checkpoint must hold to continue it exactly (besides model, optimizer and RNG)."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    skipped_steps: int = 0  # steps dropped on every rank for a non-finite loss or gradient
+
+    def to_checkpoint(self) -> dict[str, int]:
+        """The fields as a checkpoint stores them (top-level keys)."""
+        return asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> RunState:
+        """The position saved in a checkpoint."""
+        return cls(**{f.name: int(state.get(f.name, 0)) for f in fields(cls)})
+
+    def advance(self) -> None:
+        """One step done; a complete epoch rolls over only at its end (see `end_epoch`)."""
+        self.step_in_epoch += 1
+        self.global_step += 1
+
+    def end_epoch(self, steps_per_epoch: int) -> float:
+        """Close the epoch if all its steps ran; the epoch count as a (fractional) number for logs."""
+        if self.step_in_epoch >= steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            return float(self.epoch)
+        return self.epoch + self.step_in_epoch / steps_per_epoch
+
+    def steps_left(self, epochs: int, steps_per_epoch: int) -> int:
+        """Steps from here to the end of epoch `epochs` (0 when the run is complete)."""
+        return max(0, (epochs - self.epoch) * steps_per_epoch - self.step_in_epoch)
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built and checked before the first collective."""
+
+    info: DatasetInfo
+    layout: Layout
+    model: torch.nn.Module
+    resume_state: dict[str, Any] | None
+    model_name: str = ""  # for the start line: the config's model, the factory, or a user's class
+    position: RunState = field(default_factory=RunState)
+    move_aside: Path | None = None  # --overwrite: where the old run goes
+    lock: rundir.RunLock | None = None  # rank 0: the run folder's lock, held for the run
+
+
+def prepare(
+    cfg: Config, world: World, resume: str | None, model: torch.nn.Module | None = None, overwrite: bool = False
+) -> Setup:
+    """Validate data, layout, model, checkpoint and run folder on every rank; then claim the run folder.
+
+    `model` is a user's own network (hpcdl.fit); otherwise the config's model is built.
+    """
+    info = world.agree(lambda: validate(cfg.data.path, scan=cfg.data.scan) if world.is_root else None)
+    info = world.comm.bcast(info, root=0)
+    notes: list[str] = [*cfg.notes, *info.warnings]  # deprecated keys, data warnings, ...: said aloud below
+
+    def build_rank_parts() -> Setup:
+        layout = Layout.from_config(cfg, world.size)
+        built = model if model is not None else build_model(cfg, info, layout, world)
+        layout.check_model(built)
+        layout.check_data(info)
+        check_output(built, info, torch_dtype(cfg.model.dtype))
+        path = checkpoint.resolve(resume, cfg.run.dir, notes) if resume else None
+        state = checkpoint.load(path) if path else None
+        name = type(model).__name__ if model is not None else cfg.model.factory or cfg.model.name
+        setup = Setup(info, layout, built, state, name)
+        if state:  # the config's changes first: they say why weights would not fit
+            setup.position = resume_position(state, cfg, notes)
+            checkpoint.restore_model(built, state, path)
+        if world.is_root:  # the run folder is rank 0's: its verdict is shared by agree
+            plan_run_folder(cfg, setup, overwrite, notes)
+        return setup
+
+    setup = world.agree(build_rank_parts)
+    setup.move_aside = world.comm.bcast(setup.move_aside, root=0)
+    setup.lock = world.agree(lambda: claim_run_folder(cfg, setup) if world.is_root else None)
+    for note in notes:
+        world.log(f"hpcdl: {note}")
+    return setup
+
+
+def make_loaders(cfg: Config, world: World, info: DatasetInfo, share: DataShare) -> tuple[Loader, Loader]:
+    """Train and validation loaders for this rank's share of every global batch (its columns only, if set)."""
+    budget, dtype = cfg.data.cache_mb * 2**20, torch_dtype(cfg.model.dtype)
+    train_part = Partition(
+        info.sizes["train"], cfg.train.batch_size, share.rank, share.size, cfg.train.seed, cfg.data.partition,
+        drop_last=cfg.data.drop_last,
+    )  # fmt: skip
+    val_part = Partition(info.sizes["val"], cfg.train.batch_size, share.rank, share.size, 0, shuffle=False)
+
+    def loader(split: str, part: Partition) -> Loader:
+        reader = SplitReader(cfg.data.path, split, part.owned_range(), budget, share.columns)
+        return Loader(reader, part, cfg.data.prefetch, dtype)
+
+    return world.agree(lambda: (loader("train", train_part), loader("val", val_part)))
+
+
+def build_model(cfg: Config, info: DatasetInfo, layout: Layout, world: World) -> torch.nn.Module:
+    """The config's model: its size checked against memory on the meta device, then allocated where the layout says."""
+    dtype, seed = torch_dtype(cfg.model.dtype), cfg.train.seed
+    model = build(cfg.model, info.feature_shape, info.num_classes, seed, cfg.folder, "meta", dtype)
+    if is_meta(model):
+        check_memory(model, cfg.train.optimizer, world.local_size, layout)
+        if layout.model_device != "meta":
+            materialize(enumerate(model), seed)
+    return model
+
+
+def check_memory(model: torch.nn.Module, optimizer: str, ranks_on_node: int, layout: Layout) -> None:
+    """A model whose parameters, gradients and optimizer state cannot fit in this node's memory is refused."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    split = layout.stages * layout.tensor  # pipeline stages and tensor shards hold part of the model each
+    needed = params * (2 + OPTIMIZER_SLOTS[optimizer]) // split * ranks_on_node
+    available = _available_memory()
+    if available and needed > available:
+        raise ConfigError(
+            f"the model needs about {needed / 2**30:.1f} GiB on this node ({ranks_on_node} rank(s) x parameters, "
+            f"gradients and {optimizer} state of {params / 2**30:.2f} GiB / {split}), but {available / 2**30:.1f} GiB "
+            "is available; use a smaller [model], fewer ranks per node, or split it (parallel.mode = 'pipeline' "
+            "or 'tensor')"
+        )
+
+
+def _available_memory() -> int:
+    """MemAvailable of this node in bytes (0 when unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def check_output(model: torch.nn.Module, info: DatasetInfo, dtype: torch.dtype) -> None:
+    """The model takes this data's samples and gives one output per class: said before step 0, not as a traceback."""
+    device = "meta" if is_meta(model) else "cpu"
+    sample = torch.zeros(2, *info.feature_shape, dtype=dtype, device=device)
+    was_training = model.training
+    model.eval()  # no batch-norm statistics change, no dropout
+    try:
+        with torch.no_grad():
+            out = model(sample)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        cause = str(exc).strip().splitlines()[0][:200]
+        raise ConfigError(
+            f"the model does not take this data's samples (shape {tuple(info.feature_shape)}, {dtype}): {cause}; "
+            "check [model] (or the factory) against `hpcdl data info FILE`"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not torch.is_tensor(out) or tuple(out.shape) != (2, info.num_classes):
+        got = tuple(out.shape[1:]) if torch.is_tensor(out) else type(out).__name__
+        raise ConfigError(
+            f"the model gives {got} per sample, but the data has {info.num_classes} classes: "
+            f"its last layer must have {info.num_classes} outputs"
+        )
+
+
+def plan_run_folder(cfg: Config, setup: Setup, overwrite: bool, notes: list[str]) -> None:
+    """Rank 0: is the run folder free, and may a fresh run start in it."""
+    run_dir = Path(cfg.run.dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise HpcdlError(f"run.dir {run_dir} is a file, not a folder; choose another run.dir")
+    folder = checkpoint.checkpoint_dir(run_dir)
+    if folder.exists() and not folder.is_dir():
+        raise HpcdlError(f"{folder} is a file, not a folder: checkpoints cannot be written; remove or rename it")
+    rundir.check_free(run_dir)
+    if setup.resume_state is None:
+        setup.move_aside = rundir.check_fresh_start(run_dir, overwrite)
+        if setup.move_aside:
+            notes.append(f"--overwrite: the previous run in {run_dir} moves to {setup.move_aside}")
+
+
+def resume_position(state: dict[str, Any], cfg: Config, notes: list[str]) -> RunState:
+    """The saved position under the new config: changes that keep it meaningful are said, others refused."""
+    saved_cfg = state.get("config") or {}
+    changes = rundir.config_changes(saved_cfg, cfg.to_dict()) if saved_cfg else []
+    refused = rundir.refused_changes(changes)
+    if refused:
+        listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, old, new in changes if name in refused)
+        raise HpcdlError(
+            f"--resume: the run in {cfg.run.dir} was trained with another {', '.join(refused)} ({listed}); "
+            "the saved position and weights mean something else under it: resume with the run's values, "
+            "or start a new run.dir"
+        )
+    position = RunState.from_checkpoint(state)
+    for name, old, new in changes:
+        notes.append(f"resuming with {name} changed: {old!r} -> {new!r}")
+    old_batch = saved_cfg.get("train", {}).get("batch_size", cfg.train.batch_size)
+    if old_batch != cfg.train.batch_size and position.step_in_epoch:
+        position.step_in_epoch = converted_step(position, old_batch, cfg)
+    return position
+
+
+def converted_step(position: RunState, old_batch: int, cfg: Config) -> int:
+    """The step within the epoch that starts at the same sample under the new batch size, or a refusal."""
+    new_batch, samples = cfg.train.batch_size, position.step_in_epoch * old_batch
+    if cfg.data.partition == "global" and samples % new_batch == 0:
+        return samples // new_batch
+    raise HpcdlError(
+        f"--resume: train.batch_size changed {old_batch} -> {new_batch} in the middle of epoch {position.epoch + 1} "
+        f"(after {samples} samples, which {new_batch}-sample batches do not reach exactly"
+        + ("" if cfg.data.partition == "global" else f" with data.partition = {cfg.data.partition!r}")
+        + f"); resume with train.batch_size = {old_batch} until the epoch ends, or one that divides {samples}"
+    )
+
+
+def claim_run_folder(cfg: Config, setup: Setup) -> rundir.RunLock:
+    """Rank 0, once every check passed: move an old run aside, create and lock the folder, check every path."""
+    run_dir = Path(cfg.run.dir)
+    if setup.move_aside:
+        rundir.move_aside(run_dir, setup.move_aside)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = rundir.RunLock(run_dir)
+        lock.acquire()
+        check_writable(run_dir)
+        slots = OPTIMIZER_SLOTS[cfg.train.optimizer]
+        checkpoint.check_space(run_dir, checkpoint.estimate_bytes(setup.model.state_dict(), slots))
+        rundir.write_config(run_dir, cfg.to_dict())
+        return lock
+    except OSError as exc:
+        if created:
+            _remove_new_folder(run_dir)
+        raise HpcdlError(f"run.dir {run_dir}: {exc.strerror or exc} ({exc.filename or run_dir})") from None
+    except HpcdlError:
+        if created:
+            _remove_new_folder(run_dir)
+        raise
+
+
+def check_writable(run_dir: Path) -> None:
+    """Every path the run writes can be written: the folder, checkpoints/ and metrics.jsonl."""
+    folder = checkpoint.checkpoint_dir(run_dir)
+    folder.mkdir(exist_ok=True)
+    for target in (folder, run_dir):
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise HpcdlError(
+                f"{target} is not writable: checkpoints and logs cannot be written; choose another run.dir"
+            )
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists() and not os.access(metrics, os.W_OK):
+        raise HpcdlError(f"{metrics} is not writable; choose another run.dir")
+
+
+def _remove_new_folder(run_dir: Path) -> None:
+    """Undo a folder this run created before it failed: no partial output (only what the claim wrote)."""
+    for name in (rundir.LOCK, rundir.CONFIG):
+        (run_dir / name).unlink(missing_ok=True)
+    for folder in (checkpoint.checkpoint_dir(run_dir), run_dir):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass

@@ -1,0 +1,159 @@
+"""A run folder belongs to one run: one live run holds it, a fresh start never buries a run, and a
+resume says what changed since the run began.
+
+- **Lock.** Rank 0 holds an `fcntl` lock on `<run.dir>/.lock` for the whole run; the kernel
+  releases it when the process ends, however it ends, so a killed run never leaves a stale
+  lock. A second run on the folder ends at once, naming the holder (host, pid, start time).
+- **Fresh start.** A folder that already holds checkpoints is refused unless the run resumes
+  (`--resume auto`) or `--overwrite` moves the old run aside (never deletes it).
+- **Config.** The resolved config is written as `config.toml` at start; on resume it is compared:
+  changes that keep the saved position meaningful are allowed and said, others are refused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from hpcdl.checkpoint import checkpoint_dir, list_checkpoints
+from hpcdl.errors import HpcdlError
+
+LOCK = ".lock"
+CONFIG = "config.toml"
+# Keys whose change keeps a saved position meaningful: how long to train, how fast to learn, what to log.
+FREE_TO_CHANGE = {
+    "train": {"epochs", "max_steps", "lr", "momentum", "weight_decay"},
+    "run": {"progress", "warmup_steps", "watchdog_s", "check_every", "checkpoint_every", "keep", "nan_policy", "dir"},
+    "data": {"cache_mb", "prefetch", "scan", "path"},
+    "parallel": {"bucket_mb", "overlap", "compression", "accumulate_steps", "micro_batches", "schedule", "balance",
+                 "cuts", "stages", "replicas", "tensor", "mode"},
+}  # fmt: skip
+# A batch size change moves every later step's samples: allowed only where the position converts exactly.
+BATCH_KEY = ("train", "batch_size")
+
+
+class RunLock:
+    """The exclusive lock of one run folder, held by this process until it exits (or `release`)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self.fd: int | None = None
+
+    def acquire(self, record: bool = True) -> None:
+        """Take the lock, or raise HpcdlError naming the run that holds it; `record` writes this run as the holder."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise HpcdlError(
+                f"run.dir {self.path.parent} is in use by another run ({holder}); wait for it to end, "
+                "or choose another run.dir"
+            ) from None
+        if record:
+            holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(holder).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        """Give the lock back (the kernel does it anyway when the process ends)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["started"]))
+        return f"host {holder['host']}, pid {holder['pid']}, started {started}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def check_free(run_dir: Path) -> None:
+    """Raise HpcdlError naming the holder when a live run holds `run_dir` (no lock is kept)."""
+    if not (Path(run_dir) / LOCK).exists():
+        return
+    probe = RunLock(run_dir)
+    probe.acquire(record=False)  # a look, not a claim: the file keeps the last holder's record
+    probe.release()
+
+
+def check_fresh_start(run_dir: Path, overwrite: bool) -> Path | None:
+    """A fresh start may not bury a run: refuse a folder with checkpoints, or (`overwrite`) say where it moves.
+
+    Returns the folder the old run will be moved to, or None when there is nothing to move.
+    """
+    run_dir = Path(run_dir)
+    found = list_checkpoints(run_dir)
+    folder = checkpoint_dir(run_dir)
+    if not found and not (folder.is_dir() and any(folder.iterdir())):
+        return None
+    if not overwrite:
+        newest = found[-1].name if found else "none valid"
+        raise HpcdlError(
+            f"run.dir {run_dir} already holds a run ({len(found)} checkpoint(s), newest {newest}); "
+            "continue it with --resume auto, choose a new run.dir, or pass --overwrite to move it aside"
+        )
+    return run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def move_aside(run_dir: Path, target: Path) -> None:
+    """Rename the old run's folder to `target` (nothing is deleted)."""
+    shutil.move(str(run_dir), str(target))
+
+
+def write_config(run_dir: Path, tree: dict[str, dict[str, Any]]) -> None:
+    """The resolved config as TOML, for the record and for the next resume's comparison."""
+    (Path(run_dir) / CONFIG).write_text(to_toml(tree))
+
+
+def to_toml(tree: dict[str, dict[str, Any]]) -> str:
+    """A two-level dict of plain values (the config's shape) as TOML."""
+    lines = []
+    for section, values in tree.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def config_changes(saved: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]]) -> list[tuple[str, Any, Any]]:
+    """("section.key", saved value, new value) for every key that differs."""
+    return [
+        (f"{section}.{key}", saved.get(section, {}).get(key), value)
+        for section, values in new.items()
+        for key, value in values.items()
+        if saved.get(section, {}).get(key) != value
+    ]
+
+
+def refused_changes(changes: list[tuple[str, Any, Any]]) -> list[str]:
+    """The changed keys that alter what the saved position means (the batch size is judged on its own)."""
+    refused = []
+    for name, _, _ in changes:
+        section, key = name.split(".", 1)
+        if key not in FREE_TO_CHANGE.get(section, set()) and (section, key) != BATCH_KEY:
+            refused.append(name)
+    return refused
