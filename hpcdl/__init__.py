@@ -7,6 +7,7 @@ From your own script (run it under `mpirun -n N python script.py`):
     loader, info = hpcdl.data.open("data.h5", "train", batch_size=256, seed=0)
     model = hpcdl.DataParallel(my_model, bucket_mb=25, compression="none")
     hpcdl.fit(my_model, "data.h5", epochs=5, lr=0.05)     # or the whole command-line loop
+    hpcdl.predict("runs/mine", "data.h5", "val", out="preds.h5")   # score a split on every rank
 
 Names are imported on first use, so `import hpcdl` neither starts MPI nor loads torch.
 """
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from hpcdl import checkpoint, data, horovod, metrics
     from hpcdl.api import DataParallel, fit, init
     from hpcdl.comm import World
+    from hpcdl.infer.engine import predict
     from hpcdl.parallel.pipeline import Pipeline
 
 # Public name -> (module, attribute); resolved lazily by __getattr__.
@@ -29,12 +31,15 @@ _EXPORTS = {
     "init": ("hpcdl.api", "init"),
     "DataParallel": ("hpcdl.api", "DataParallel"),
     "fit": ("hpcdl.api", "fit"),
+    "predict": ("hpcdl.infer.engine", "predict"),
     "World": ("hpcdl.comm", "World"),
     "Pipeline": ("hpcdl.parallel.pipeline", "Pipeline"),
 }
 _SUBMODULES = ("checkpoint", "data", "horovod", "metrics")
 
-__all__ = ["DataParallel", "Pipeline", "World", "checkpoint", "data", "fit", "horovod", "init", "metrics"]
+__all__ = [
+    "DataParallel", "Pipeline", "World", "checkpoint", "data", "fit", "horovod", "init", "metrics", "predict",
+]  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

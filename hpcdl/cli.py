@@ -1,4 +1,4 @@
-"""The command line: hpcdl data | train | bench | scale | slurm."""
+"""The command line: hpcdl data | train | checkpoint | infer | evaluate | export | bench | scale | slurm."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _checkpoint_info(args: argparse.Namespace) -> int:
 
 
 def _add_benchmarks(commands) -> None:
-    from hpcdl.bench import allreduce, comm, dp, io, pipeline
+    from hpcdl.bench import allreduce, comm, dp, infer, io, pipeline
 
     bench = commands.add_parser("bench", help="benchmarks: hpcdl and its peers side by side, ratios printed")
     kinds = bench.add_subparsers(dest="benchmark", required=True)
@@ -48,6 +48,7 @@ def _add_benchmarks(commands) -> None:
         ("comm", comm, "latency and bandwidth of MPI collectives over message sizes, fitted alpha-beta model"),
         ("io", io, "loader throughput (block/global, cached/streamed) vs plain sequential reads, DLIO-style"),
         ("pipeline", pipeline, "GPipe/1F1B pipeline vs torch.distributed.pipelining vs one process, bubble"),
+        ("infer", infer, "distributed scoring, static vs dynamic schedule (one rank slowed) vs a plain torch loop"),
     ):
         parser = kinds.add_parser(name, help=summary)
         module.add_arguments(parser)
@@ -57,6 +58,7 @@ def _add_benchmarks(commands) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     from hpcdl.data.commands import register as register_data
+    from hpcdl.infer.commands import register as register_infer
     from hpcdl.scale import register as register_scale
     from hpcdl.slurm import register as register_slurm
 
@@ -93,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = ckpt_commands.add_parser("info", help="step, epoch, world size, config and parameter digest")
     info.add_argument("path", help="a checkpoint file, or a run folder (its newest valid checkpoint)")
     info.set_defaults(func=_checkpoint_info)
+    register_infer(commands)
     _add_benchmarks(commands)
     register_scale(commands)
     register_slurm(commands)

@@ -110,10 +110,10 @@ class World:
         result, error = None, None
         try:
             result = fn()
-        except HpcdlError as exc:
-            error = str(exc)
-        except Exception as exc:  # noqa: BLE001 - reported with its type, then every rank exits
-            error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - reported as one line (with its type unless ours), then every rank exits
+            error = str(exc) if isinstance(exc, HpcdlError) else f"{type(exc).__name__}: {exc}"
+            if self.verbose:  # --verbose: where it came from, for a bug report
+                traceback.print_exception(exc)
         errors = self.comm.allgather(error)
         failed = [(r, e) for r, e in enumerate(errors) if e is not None]
         if failed:
