@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BENCH) pipeline --json runs/bench-pipeline.json
 	$(BENCH) pipeline --batch 1024 --json runs/bench-pipeline-b1024.json
 	$(BENCH) io --json runs/bench-io.json
+	$(BENCH) infer --json runs/bench-infer.json
 	$(BENCH) comm --json runs/bench-comm.json
 
 # The README's scaling study: MLP and CNN at 1 and 2 ranks, then tables, plots and a projection in docs/scaling.

@@ -99,7 +99,7 @@ def _os_failure(action: str, path: Path, exc: OSError, nbytes: int = 0) -> Hpcdl
     return HpcdlError(f"cannot {action} {path}: {cause}{figures}; {ADVICE.get(exc.errno, DEFAULT_ADVICE)}")
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     """Temporary file, fsync, rename, fsync of the folder: a reader sees all of it or none."""
     partial = path.with_name(f".{path.name}.partial")
     try:
@@ -120,9 +120,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def _write_file(what: str, path: Path, data: bytes) -> None:
-    """`_write_atomically`, any OSError said in one line naming `path`."""
+    """`write_atomically`, any OSError said in one line naming `path`."""
     try:
-        _write_atomically(path, data)
+        write_atomically(path, data)
     except OSError as exc:
         raise _os_failure(f"write {what}", path, exc, len(data)) from None
 

@@ -100,7 +100,7 @@ def export(target: str, out: str | Path) -> tuple[Path, int]:
     if not out.parent.is_dir():
         raise HpcdlError(f"--out {out}: folder {out.parent} does not exist or is not a folder")
     try:
-        checkpoint._write_atomically(out, data)
+        checkpoint.write_atomically(out, data)
     except OSError as exc:
         raise HpcdlError(f"cannot write {out}: {exc.strerror or exc}") from None
     return out, len(weights)

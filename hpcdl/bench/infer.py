@@ -4,7 +4,9 @@ The same MLP (seeded) scores the same synthetic split in every variant, end to e
 complete output file of class and probs. hpcdl runs `hpcdl.predict` at 1 rank and at `--ranks` ranks, static and
 dynamic, and at `--ranks` ranks with the last rank slowed down: its model sleeps after each batch as long as the
 batch took, so it scores at half speed (an uneven node). Each round launches the torch loop, the 1-rank job and the
-N-rank job (each job runs its variants once, after one untimed warm-up pass); rounds repeat, medians are reported.
+N-rank job. A job warms up with one untimed pass, then runs its variants in order and again in reverse (A B B A:
+a drift of the machine's speed weighs on each alike); rounds repeat. Rates are medians over rounds; each ratio is
+the median over rounds of the ratio within one job, whose variants ran minutes apart at most.
 Run as `python -m hpcdl.bench.infer --worker ...` it is a worker.
 """
 
@@ -81,15 +83,16 @@ def _torch_worker(opts: argparse.Namespace) -> None:
 
 
 def _hpcdl_worker(opts: argparse.Namespace) -> None:
-    """Every variant once on this job's ranks, end to end through hpcdl.predict; rank 0 prints the figures."""
+    """Every variant twice (A B B A) on this job's ranks, end to end through hpcdl.predict; rank 0 prints figures."""
     import hpcdl
 
     world = hpcdl.init(threads=opts.threads)
     model = _model(opts)
     slowed = Slowed(model) if world.rank == world.size - 1 else model
     hpcdl.predict(model, opts.data, WARMUP_SPLIT, out=opts.out, batch=opts.batch)  # untimed warm-up
-    figures: dict[str, Any] = {}
-    for variant in opts.variants.split(","):
+    variants = opts.variants.split(",")
+    seconds, rows, rows_per_rank = dict.fromkeys(variants, 0.0), 0, {}
+    for variant in variants + variants[::-1]:
         schedule, _, slow = variant.partition("-")
         world.comm.Barrier()
         began = time.perf_counter()
@@ -98,8 +101,9 @@ def _hpcdl_worker(opts: argparse.Namespace) -> None:
             schedule=schedule, batch=opts.batch,
         )  # fmt: skip
         world.comm.Barrier()
-        seconds = time.perf_counter() - began
-        figures[variant] = {"samples_per_s": scored.rows / seconds, "rows_per_rank": scored.rows_per_rank}
+        seconds[variant] += time.perf_counter() - began
+        rows, rows_per_rank[variant] = scored.rows, scored.rows_per_rank
+    figures = {v: {"samples_per_s": 2 * rows / seconds[v], "rows_per_rank": rows_per_rank[v]} for v in variants}
     if world.is_root:
         print(json.dumps(figures), flush=True)
 
@@ -120,6 +124,11 @@ def _job(worker: str, ranks: int, variants: tuple[str, ...], data: Path, folder:
         return {"torch": result, "samples_per_s": result["samples_per_s"]}
     figures = {f"hpcdl-{ranks}-{variant}": values for variant, values in result.items()}
     return {**figures, "samples_per_s": result[variants[0]]["samples_per_s"]}
+
+
+def _paired_ratio(runs: list[dict[str, Any]], faster: str, slower: str) -> float:
+    """The median over rounds of `faster`'s rate over `slower`'s, both measured in the same job."""
+    return median([r[faster]["samples_per_s"] / r[slower]["samples_per_s"] for r in runs if faster in r])
 
 
 def run(opts: argparse.Namespace) -> dict[str, Any]:
@@ -155,8 +164,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     flat.update({f"{name.replace('-', '_')}_samples_per_s": round(rate[name], 1) for name in names})
     flat.update({f"{name.replace('-', '_')}_spread": round(spread(rates[name]), 3) for name in names})
     flat.update(
-        dynamic_vs_static_slowed=round(rate[slowed] / rate[f"hpcdl-{ranks}-static-slowed"], 3),
-        dynamic_vs_static_equal=round(rate[f"hpcdl-{ranks}-dynamic"] / rate[f"hpcdl-{ranks}-static"], 3),
+        dynamic_vs_static_slowed=round(_paired_ratio(runs, slowed, f"hpcdl-{ranks}-static-slowed"), 3),
+        dynamic_vs_static_equal=round(_paired_ratio(runs, f"hpcdl-{ranks}-dynamic", f"hpcdl-{ranks}-static"), 3),
         dynamic_slowed_rows_per_rank=slowed_rows[-1],
     )
     labels = {
@@ -189,7 +198,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (and for the torch loop)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds (each runs every hpcdl variant twice)")
     parser.add_argument("--json", help="write the figures here as one flat JSON object")
 
 

@@ -152,15 +152,17 @@ def score(world: World, job: Job, sink: PredictionFile | GatheredRows) -> tuple[
     every rank with once all have finished.
     """
     request, source = job.request, job.source
+    block = static_plan(source.rows, request.batch, world.rank, world.size) if request.schedule == "static" else None
+    owned = block.owned_range() if block is not None else (0, source.rows)  # dynamic: any row, any rank
+    reader = world.agree(lambda: open_reader(source, owned))
     counters = SharedCounters(world.comm)
-    if request.schedule == "dynamic":
+    if block is not None:
+        plan, prefetch = block, request.prefetch
+    else:
         plan = ClaimedChunks(counters, source.rows, request.batch)
         # Claimed chunks not yet scored are what a slow rank holds back. The prefetch thread claims them: MPI from
         # two threads, so without MPI_THREAD_MULTIPLE the loop claims and reads them itself.
         prefetch = min(request.prefetch, 1) if mpi().Query_thread() == mpi().THREAD_MULTIPLE else 0
-    else:
-        plan, prefetch = static_plan(source.rows, request.batch, world.rank, world.size), request.prefetch
-    reader = world.agree(lambda: open_reader(source, plan.owned_range()))
     loader = Loader(reader, plan, prefetch, job.model.dtype)
     tally = Tally(job.model.classes) if source.labelled else None
     bar = Progress(source.rows, desc=f"/{request.split}", unit="samples", enabled=world.is_root and request.progress)

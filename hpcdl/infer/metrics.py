@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcdl.checkpoint import _write_atomically
+from hpcdl.checkpoint import write_atomically
 from hpcdl.comm import World, mpi
 from hpcdl.errors import HpcdlError
 from hpcdl.metrics import strict_json
@@ -128,7 +128,7 @@ def write_report(folder: Path, files: dict[str, bytes]) -> list[str]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
-            _write_atomically(folder / name, data)
+            write_atomically(folder / name, data)
         return list(files)
     except OSError as exc:
         raise HpcdlError(f"cannot write the evaluation report in {folder}: {exc.strerror or exc}") from None

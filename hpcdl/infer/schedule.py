@@ -26,7 +26,7 @@ class SharedCounters:
 
     def __init__(self, comm) -> None:
         MPI = mpi()
-        self.MPI, self.comm = MPI, comm
+        self.MPI = MPI
         self.win = MPI.Win.Allocate(2 * 8 if comm.Get_rank() == 0 else 0, 8, comm=comm)
         if comm.Get_rank() == 0:
             self.win.Lock(0, MPI.LOCK_EXCLUSIVE)
@@ -62,10 +62,6 @@ class ClaimedChunks:
 
     def __init__(self, counters: SharedCounters, rows: int, batch: int) -> None:
         self.counters, self.rows, self.batch = counters, rows, batch
-
-    def owned_range(self) -> tuple[int, int]:
-        """Any row may come to any rank."""
-        return 0, self.rows
 
     def epoch(self, epoch: int) -> ClaimedChunks:
         """The one pass (Loader asks for an epoch's plans)."""

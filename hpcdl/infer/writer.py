@@ -4,8 +4,9 @@
 under a temporary name (HDF5 datasets with contiguous storage allocated at creation, so each one's bytes start at
 an offset HDF5 reports), and each rank `pwrite`s its rows' bytes straight there, with no gather and no rank that
 serves the others; rank 0 then adds the metrics and renames the file into place. Measured against rank 0 writing
-gathered chunks through h5py (1 M rows, 10 classes, class + probs + logits, 88 MB, fsync included, this 2-core VM):
-offsets 126-260 ms at 1 rank, 243-514 ms at 2 and 186-201 ms at 4; gathered 344-884 ms, 1.4-3.2 s and 2.6-2.9 s.
+chunks gathered from the others through h5py (`tests/scripts/write_schemes.py`: 1 M rows, index + probs + logits of
+10 classes, 88 MB, fsync included, this 2-core VM, quiet): offsets 0.10-0.11 s at 1, 2 and 4 ranks; gathered
+0.32-0.38 s at 1 and 2 ranks, 0.87-2.67 s at 4 (oversubscribed), rank 0 the bottleneck that grows with the ranks.
 Per-rank shards joined by a virtual dataset would leave one file per rank behind the output, and a dynamic
 schedule's scattered chunks would need one mapping each. Across nodes the file must be on a filesystem every rank
 sees (as for checkpoints); disjoint byte ranges, each rank's fsync before rank 0 reopens it.
