@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 datasets/digits.h5: | $(STAMP)
 	$(PY) -m hpcdl data make digits --out $@
 
+# --overwrite: a second `make demo` trains afresh; the previous demo run is moved aside, never deleted.
 demo: $(STAMP) datasets/digits.h5
-	PATH=$(CURDIR)/$(BIN):$$PATH mpirun -n $(RANKS) $(PY) -m hpcdl train --config digits-mlp
+	PATH=$(CURDIR)/$(BIN):$$PATH mpirun -n $(RANKS) $(PY) -m hpcdl train --config digits-mlp --overwrite
 
 test: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m pytest -q
