@@ -100,7 +100,7 @@ def prepare(
         name = type(model).__name__ if model is not None else cfg.model.factory or cfg.model.name
         setup = Setup(info, layout, built, state, name)
         if state:  # the config's changes first: they say why weights would not fit
-            setup.position = resume_position(state, cfg, notes)
+            setup.position = resume_position(state, cfg, info, notes)
             checkpoint.restore_model(built, state, path)
         if world.is_root:  # the run folder is rank 0's: its verdict is shared by agree
             plan_run_folder(cfg, setup, overwrite, notes)
@@ -207,7 +207,12 @@ def plan_run_folder(cfg: Config, setup: Setup, overwrite: bool, notes: list[str]
             notes.append(f"--overwrite: the previous run in {run_dir} moves to {setup.move_aside}")
 
 
-def resume_position(state: dict[str, Any], cfg: Config, notes: list[str]) -> RunState:
+def dataset_identity(info: DatasetInfo) -> dict[str, Any]:
+    """What a checkpoint records of its dataset: a moved file is the same data only if these agree."""
+    return {"sizes": dict(info.sizes), "feature_shape": list(info.feature_shape), "num_classes": info.num_classes}
+
+
+def resume_position(state: dict[str, Any], cfg: Config, info: DatasetInfo, notes: list[str]) -> RunState:
     """The saved position under the new config: changes that keep it meaningful are said, others refused."""
     saved_cfg = state.get("config") or {}
     changes = rundir.config_changes(saved_cfg, cfg.to_dict()) if saved_cfg else []
@@ -218,6 +223,13 @@ def resume_position(state: dict[str, Any], cfg: Config, notes: list[str]) -> Run
             f"--resume: the run in {cfg.run.dir} was trained with another {', '.join(refused)} ({listed}); "
             "the saved position and weights mean something else under it: resume with the run's values, "
             "or start a new run.dir"
+        )
+    moved = any(name == "data.path" for name, _, _ in changes)
+    if moved and state.get("dataset") != dataset_identity(info):
+        raise HpcdlError(
+            f"--resume: data.path now names other data ({cfg.data.path}: {dataset_identity(info)}; the run was "
+            f"trained on {state.get('dataset') or 'a dataset this checkpoint does not describe'}); the saved "
+            "position counts samples of that dataset: resume with it, or start a new run.dir"
         )
     position = RunState.from_checkpoint(state)
     for name, old, new in changes:

@@ -26,7 +26,8 @@ from hpcdl.errors import HpcdlError
 
 LOCK = ".lock"
 CONFIG = "config.toml"
-# Keys whose change keeps a saved position meaningful: how long to train, how fast to learn, what to log.
+# Keys whose change keeps a saved position meaningful: how long to train, how fast to learn, what to log;
+# data.path only when the file holds the same dataset (checked against the checkpoint's record, hpcdl.preflight).
 FREE_TO_CHANGE = {
     "train": {"epochs", "max_steps", "lr", "momentum", "weight_decay"},
     "run": {"progress", "warmup_steps", "watchdog_s", "check_every", "checkpoint_every", "keep", "nan_policy", "dir"},

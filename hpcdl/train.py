@@ -21,7 +21,7 @@ from hpcdl.faults import Injector
 from hpcdl.metrics import JsonlLog, StepClock, run_summary, strict_json
 from hpcdl.parallel import make_strategy
 from hpcdl.parallel.strategy import Strategy
-from hpcdl.preflight import RunState, Setup, make_loaders, prepare
+from hpcdl.preflight import RunState, Setup, dataset_identity, make_loaders, prepare
 from hpcdl.progress import Progress
 from hpcdl.resilience import StepGuard, Verdict
 from hpcdl.watchdog import Watchdog
@@ -83,7 +83,7 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None) -> dic
         strategy.load_optimizer_state(optimizer, saved["optimizer"])
         checkpoint.restore_rng(saved.get("rng"))
     strategy.sync_optimizer(optimizer)
-    state = setup.position
+    state, dataset = setup.position, dataset_identity(setup.info)
     faults = faults or Injector([], world.rank, world.size)
     guard = StepGuard(world, strategy, cfg.run.nan_policy, cfg.run.check_every, data_path=cfg.data.path)
     log = open_log(cfg, world, setup, state)
@@ -129,7 +129,7 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None) -> dic
                 bar.postfix = f"loss={sums[0] / max(sums[2], 1):.4f}"
                 bar.update(1)
                 if sync and cfg.run.checkpoint_every and state.global_step % cfg.run.checkpoint_every == 0:
-                    save_run(cfg, world, strategy, optimizer, state)
+                    save_run(cfg, world, strategy, optimizer, state, dataset)
                 stop_signal = verdict.stop_signal
                 if stop_signal or state.global_step >= last_step:
                     break
@@ -140,7 +140,7 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None) -> dic
         log.write(event="epoch", **history)
     elapsed = time.perf_counter() - began
     watchdog.close()
-    path = save_run(cfg, world, strategy, optimizer, state)
+    path = save_run(cfg, world, strategy, optimizer, state, dataset)
     guard.signals.uninstall()  # after the last checkpoint: a late stop signal still exits 75
     if stop_signal:
         world.log(
@@ -196,8 +196,9 @@ def open_log(cfg: Config, world: World, setup: Setup, state: RunState) -> JsonlL
 
 
 def save_run(
-    cfg: Config, world: World, strategy: Strategy, optimizer: torch.optim.Optimizer, state: RunState
-) -> Path | None:
+    cfg: Config, world: World, strategy: Strategy, optimizer: torch.optim.Optimizer, state: RunState,
+    dataset: dict[str, Any],
+) -> Path | None:  # fmt: skip
     """A checkpoint of the unsplit model and optimizer, the run's position and RNG (gathered on, written by rank 0)."""
     contents = {
         "model": strategy.model_state(),
@@ -207,6 +208,7 @@ def save_run(
         "config": cfg.to_dict(),
         "source": cfg.source,
         "rng": checkpoint.rng_state(),
+        "dataset": dataset,  # sizes, shape, classes: a resume from a moved file checks it is the same data
     }
     # Under agree: a save that fails on rank 0 (a full disk) ends every rank with its one line, none left waiting.
     return world.agree(

@@ -136,3 +136,18 @@ def test_resume_says_what_changed_refuses_what_changes_the_meaning_and_a_complet
     assert "resuming with train.lr changed: 0.05 -> 0.01" in slower.stdout
     assert checkpoint.load(checkpoint.resolve("latest", run_dir))["global_step"] == 5
     assert (run_dir / "config.toml").read_text().count("lr = 0.01") == 1  # the config of the run as it goes on
+
+
+def test_resume_from_a_moved_dataset_checks_it_is_the_same_data(datasets, tmp_path):
+    data, run_dir = datasets["synthetic"], tmp_path / "run"
+    assert train(1, data, run_dir, "train.max_steps=2").returncode == 0
+    moved = tmp_path / "scratch" / "same.h5"
+    moved.parent.mkdir()
+    moved.write_bytes(data.read_bytes())  # the same file after a move (e.g. a purged scratch space)
+    other = datasets["digits"]
+    refused = train(1, other, run_dir, "train.max_steps=4", extra=("--resume", "auto"))
+    one_line_error(refused, "data.path now names other data", "start a new run.dir")
+    resumed = train(1, moved, run_dir, "train.max_steps=4", extra=("--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming with data.path changed" in resumed.stdout
+    assert checkpoint.load(checkpoint.resolve("latest", run_dir))["global_step"] == 4
