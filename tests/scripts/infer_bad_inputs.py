@@ -20,4 +20,5 @@ for number, argv in enumerate(json.loads(open(sys.argv[1]).read())):
         status = main(argv)
     except SystemExit as exc:
         status = exc.code
-    print(f"@@exit {number} {world.rank} {status}", flush=True)
+    sys.stdout.write(f"@@exit {number} {world.rank} {status}\n")
+    sys.stdout.flush()
