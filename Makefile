@@ -9,6 +9,7 @@ RANKS ?= 4
 .PHONY: install demo test lint format bench scale clean
 
 include slurm/local/slurm.mk
+include slurm/cluster/cluster.mk
 
 install: $(STAMP)
 

@@ -59,6 +59,11 @@ class World:
     node: int
     num_nodes: int
     verbose: bool = False
+    hosts: tuple[str, ...] = ()  # each rank's host name, for messages that must say where a rank runs
+
+    def where(self, rank: int) -> str:
+        """' on HOST' for a rank of a job that spans hosts, else '' (one host needs no naming)."""
+        return f" on {self.hosts[rank]}" if len(set(self.hosts)) > 1 else ""
 
     @property
     def is_root(self) -> bool:
@@ -84,6 +89,7 @@ class World:
             self.node,
             self.num_nodes,
             self.verbose,
+            tuple(sub.allgather(self.hosts[self.rank])) if self.hosts else (),
         )
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
@@ -271,8 +277,8 @@ def watch_launcher(rank: int, size: int) -> None:
     threading.Thread(target=watch, name="hpcdl-launcher", daemon=True).start()
 
 
-def _node_layout(comm) -> tuple[int, int, int, int]:
-    """(local_rank, local_size, node index, number of nodes) from a shared-memory split."""
+def _node_layout(comm) -> tuple[int, int, int, int, tuple[str, ...]]:
+    """(local_rank, local_size, node index, number of nodes, each rank's host) from a shared-memory split."""
     MPI = mpi()
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, comm.Get_rank())
     local_rank, local_size = local.Get_rank(), local.Get_size()
@@ -287,7 +293,8 @@ def _node_layout(comm) -> tuple[int, int, int, int]:
     node = local.bcast(node, root=0)
     num_nodes = comm.allreduce(num_nodes, op=MPI.MAX)
     local.Free()
-    return local_rank, local_size, node, num_nodes
+    hosts = tuple(comm.allgather(MPI.Get_processor_name()))
+    return local_rank, local_size, node, num_nodes, hosts
 
 
 def threads_per_rank(local_size: int) -> int:
@@ -323,9 +330,10 @@ def init(verbose: bool = False, threads: int | None = None) -> World:
         sys.excepthook = _abort_on_exception
         watch_launcher(comm.Get_rank(), comm.Get_size())
         wait_for_all(comm, "hpcdl's start-up (hpcdl.init)")
-        local_rank, local_size, node, num_nodes = _node_layout(comm)
+        local_rank, local_size, node, num_nodes, hosts = _node_layout(comm)
         torch.set_num_threads(threads or threads_per_rank(local_size))
-        _WORLD = World(comm, comm.Get_rank(), comm.Get_size(), local_rank, local_size, node, num_nodes, verbose)
+        rank, size = comm.Get_rank(), comm.Get_size()
+        _WORLD = World(comm, rank, size, local_rank, local_size, node, num_nodes, verbose, hosts)
         # For libraries that find their place from the environment, as under torchrun.
         os.environ.update(
             RANK=str(_WORLD.rank), WORLD_SIZE=str(_WORLD.size),

@@ -130,7 +130,7 @@ class Watchdog:
         request = self.side.isend(self._report(), dest=0, tag=REPORT_TAG)
         if self.world.is_root:
             reports = self._collect()
-            abort(describe(reports, self.world.size, str(self.limit)))
+            abort(describe(reports, self.world, str(self.limit)))
         # Rank 0 ends the job; if it cannot (dead or wedged), this rank does after a longer wait.
         deadline = time.monotonic() + 3 * self.grace_s
         while time.monotonic() < deadline and not request.Test():
@@ -154,23 +154,28 @@ class Watchdog:
         return reports
 
 
-def describe(reports: dict[int, dict[str, Any]], size: int, limit: str) -> str:
-    """The watchdog's report: who did not arrive, where each rank was, and the stuck ranks' stacks."""
+def describe(reports: dict[int, dict[str, Any]], world: World, limit: str) -> str:
+    """The watchdog's report: who did not arrive (and on which node), where each rank was, the stuck ranks' stacks."""
     step = max((r["step"] for r in reports.values()), default=0)
     arrived = sorted(rank for rank, r in reports.items() if r["phase"] == "comm")
-    silent = [rank for rank in range(size) if rank not in reports]
+    silent = [rank for rank in range(world.size) if rank not in reports]
     stuck = sorted(rank for rank in reports if rank not in arrived) + silent
+    spans_hosts = any(world.where(rank) for rank in range(world.size))
+    stuck_hosts = f" on {', '.join(sorted({world.hosts[rank] for rank in stuck}))}" if spans_hosts and stuck else ""
     lines = [
         f"watchdog: step {step} did not finish within {limit}; "
-        f"rank(s) {rank_ranges(stuck) or 'none'} did not arrive at the step's communication"
+        f"rank(s) {rank_ranges(stuck) or 'none'}{stuck_hosts} did not arrive at the step's communication"
         + (f" (rank(s) {rank_ranges(arrived)} were waiting in it)" if arrived else "")
     ]
-    for rank in range(size):
+    for rank in range(world.size):
         if rank in silent:
-            lines.append(f"  rank {rank}: no report (the process is dead, stopped, or does not let its threads run)")
+            lines.append(
+                f"  rank {rank}{world.where(rank)}: no report (the process is dead, stopped, "
+                "or does not let its threads run)"
+            )
             continue
         report = reports[rank]
-        lines.append(f"  rank {rank}: step {report['step']}, {report['phase']}")
+        lines.append(f"  rank {rank}{world.where(rank)}: step {report['step']}, {report['phase']}")
         if rank in stuck and report["stack"]:
             tail = report["stack"].rstrip("\n").splitlines()[-STACK_LINES:]
             lines += ["    " + line for line in tail]

@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import slurm_cluster
+from slurm_cluster import slurm_env  # noqa: F401 - the session fixture
 
 pytestmark = pytest.mark.slurm
 JOB_TIMEOUT_S = 60
-
-
-@pytest.fixture(scope="session")
-def slurm_env() -> Iterator[dict[str, str]]:
-    """The cluster's client environment; stopped at the end if this session started it."""
-    reason = slurm_cluster.cluster_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    was_up = slurm_cluster.is_up()
-    env = slurm_cluster.ensure_cluster()
-    yield env
-    if not was_up:
-        slurm_cluster.stop_cluster()
 
 
 def run_script(tmp_path: Path, body: str, *sbatch_args: str) -> tuple[dict[str, str], str]:
@@ -38,7 +25,7 @@ def run_script(tmp_path: Path, body: str, *sbatch_args: str) -> tuple[dict[str, 
     return info, (tmp_path / f"slurm-{job_id}.out").read_text()
 
 
-def test_job_completes_with_its_tasks(slurm_env, tmp_path):
+def test_job_completes_with_its_tasks(slurm_env, tmp_path):  # noqa: F811 - the imported fixture
     info, output = run_script(tmp_path, "hostname\necho ntasks=$SLURM_NTASKS", "--ntasks=2")
     assert info["JobState"] == "COMPLETED", output
     assert info["ExitCode"] == "0:0"
@@ -48,7 +35,7 @@ def test_job_completes_with_its_tasks(slurm_env, tmp_path):
     assert "ntasks=2" in lines
 
 
-def test_failing_job_reports_its_exit_code(slurm_env, tmp_path):
+def test_failing_job_reports_its_exit_code(slurm_env, tmp_path):  # noqa: F811 - the imported fixture
     info, _ = run_script(tmp_path, "echo before\nexit 3")
     assert info["JobState"] == "FAILED"
     assert info["ExitCode"] == "3:0"

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcdl.bench.common import mpiexec, provenance, provenance_line, run_worker, table, write_json
+from hpcdl.bench.common import launcher, provenance, provenance_line, run_worker, table, write_json
 from hpcdl.errors import ConfigError
 
 OPS = ("allreduce", "bcast", "allgather", "sendrecv")
@@ -86,7 +86,7 @@ def _worker(args: argparse.Namespace) -> None:
                 best = min(best, float(world.allreduce_max(np.array([elapsed]))[0]))
             results[op]["seconds"].append(best)
     if world.is_root:
-        print(json.dumps({"ranks": world.size, "ops": results}), flush=True)
+        print(json.dumps({"ranks": world.size, "nodes": world.num_nodes, "ops": results}), flush=True)
 
 
 def fits(ranks: int, ops: dict[str, Any]) -> dict[str, Any]:
@@ -121,9 +121,10 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     """Measure every operation at every size, print OSU-style tables and the fits, return (and write) them."""
     if opts.ranks < 2:
         raise ConfigError("bench comm: --ranks must be >= 2 (Send/Recv needs a partner)")
-    if opts.max_bytes < 4 or opts.max_calls < 1:
-        raise ConfigError("bench comm: --max-bytes must be >= 4 and --max-calls >= 1")
-    command = [*mpiexec(), "-n", str(opts.ranks), sys.executable, "-m", "hpcdl.bench.comm", "--worker"]
+    if opts.max_bytes < 4 or opts.max_calls < 1 or (opts.per_node is not None and opts.per_node < 1):
+        raise ConfigError("bench comm: --max-bytes must be >= 4, --max-calls and --per-node >= 1")
+    ranks = launcher(opts.launcher, opts.ranks, opts.per_node)
+    command = [*ranks, sys.executable, "-m", "hpcdl.bench.comm", "--worker"]
     sizes = ["--max-bytes", str(opts.max_bytes), "--max-calls", str(opts.max_calls)]
     result = run_worker(command + sizes, timeout=opts.timeout)
     ops = fits(opts.ranks, result["ops"])
@@ -133,23 +134,24 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         cells = [f"{n:,}"]
         for op in OPS:
             t = ops[op]["seconds"][i]
-            cells.append(f"{1e6 * t:,.1f} us, {n / t / 1e9:.2f} GB/s")
+            cells.append(f"{1e6 * t:,.1f} us, {n / t / 1e6:,.1f} MB/s")
         rows.append(cells)
-    print(f"bench comm: {opts.ranks} ranks, time per call (slowest rank) and bytes / time")
+    nodes = result.get("nodes", 1)
+    print(f"bench comm: {opts.ranks} ranks on {nodes} node(s), time per call (slowest rank) and bytes / time")
     print(table(["bytes", *OPS], rows))
     fit_rows = [
         [
             op,
             f"{1e6 * f['latency_s']:.2f}",
-            f"{1 / f['s_per_byte'] / 1e9:.2f}" if f["s_per_byte"] else "inf",
+            f"{1 / f['s_per_byte'] / 1e6:,.1f}" if f["s_per_byte"] else "inf",
             f"{1e6 * f['alpha_s']:.2f}",
             f"{1e9 * f['beta_s_per_byte']:.4f}",
             f"{100 * f['max_rel_error']:.0f}%",
         ]
         for op, f in ((op, ops[op]["fit"]) for op in OPS)
     ]
-    print(table(["op", "A: latency (us)", "1/B (GB/s)", "alpha (us)", "beta (ns/B)", "max fit error"], fit_rows))
-    flat: dict[str, Any] = {**provenance(opts.ranks, 1), "ops": ops}
+    print(table(["op", "A: latency (us)", "1/B (MB/s)", "alpha (us)", "beta (ns/B)", "max fit error"], fit_rows))
+    flat: dict[str, Any] = {**provenance(opts.ranks, 1), "nodes": nodes, "ops": ops}
     print(provenance_line(flat))
     write_json(opts.json, flat)
     return flat
@@ -160,6 +162,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--max-bytes", type=int, default=4 * 2**20, help="largest message (sizes 4 B x 4^k up to it)")
     parser.add_argument("--max-calls", type=int, default=1000, help="timed calls per size and round (small messages)")
+    parser.add_argument(
+        "--launcher", choices=["mpiexec", "srun"], default="mpiexec", help="srun inside a Slurm allocation"
+    )
+    parser.add_argument("--per-node", type=int, help="ranks per node: 1 measures the network between nodes")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--json", help="write the measurements and fits here (input of `hpcdl scale project`)")
 

@@ -25,6 +25,22 @@ def mpiexec() -> list[str]:
     return [found, "--allow-run-as-root", "--oversubscribe"] if "Open MPI" in banner else [found]
 
 
+def launcher(kind: str, ranks: int, per_node: int | None = None) -> list[str]:
+    """The command that starts `ranks` ranks (`per_node` on each node, if given): mpiexec or, in an allocation, srun.
+
+    srun takes its MPI plugin from SRUN_MPI (default pmi2, as the Slurm templates) and ends the
+    whole step when a rank dies (--kill-on-bad-exit), as mpiexec does.
+    """
+    if kind == "srun":
+        command = ["srun", "-n", str(ranks), f"--mpi={os.environ.get('SRUN_MPI', 'pmi2')}", "--kill-on-bad-exit=1"]
+        return command + ([f"--ntasks-per-node={per_node}"] if per_node else [])
+    command = [*mpiexec(), "-n", str(ranks)]
+    if per_node:
+        # Open MPI places by a mapping policy; MPICH's hydra (and Intel MPI) take processes per node.
+        command += ["--map-by", f"ppr:{per_node}:node"] if "--oversubscribe" in command else ["-ppn", str(per_node)]
+    return command
+
+
 def run_worker(
     command: list[str], timeout: float = 600, env: dict[str, str] | None = None, retries: int = 1
 ) -> dict[str, Any]:

@@ -90,6 +90,9 @@ def register(commands) -> None:
     run.add_argument(
         "--launcher", choices=["mpiexec", "srun"], default="mpiexec", help="srun inside a Slurm allocation"
     )
+    run.add_argument(
+        "--per-node", type=int, help="ranks per node (e.g. 1: one rank per node of the allocation); default: packed"
+    )
     run.add_argument("--timeout", type=float, default=600, help="seconds one run may take before it is stopped")
     run.add_argument("--label", help="the study's name in tables and plots (default: the config's name)")
     run.add_argument("--no-report", action="store_true", help="skip the report at the end")

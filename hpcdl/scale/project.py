@@ -36,6 +36,27 @@ class Network:
     beta: float
     ring_alpha: float | None = None
     ring_beta: float | None = None
+    # The measured Allreduce curve (sizes, seconds, ranks), to read the bandwidth at the gradients' own size.
+    ring_measured: tuple[tuple[float, ...], tuple[float, ...], int] | None = None
+
+    def at_size(self, nbytes: float) -> tuple[Network, str]:
+        """This network with the ring beta the measured Allreduce achieved at `nbytes`, and a note saying so.
+
+        A fit over sizes from bytes to megabytes weighs every size alike, yet a step sends one
+        size: where the measurements cover it, the time measured there is what a step pays
+        (a TCP link under a busy CPU reaches less than its rate). Outside them, the fit stands.
+        """
+        if self.ring_measured is None or self.ring_alpha is None:
+            return self, "ring beta from the fit"
+        sizes, seconds, ranks = self.ring_measured
+        if not sizes[0] <= nbytes <= sizes[-1] or ranks < 2:
+            return self, f"ring beta from the fit ({nbytes / 2**20:.2f} MiB is outside the measured sizes)"
+        measured = float(np.exp(np.interp(np.log(nbytes), np.log(sizes), np.log(seconds))))
+        beta = (measured - 2 * (ranks - 1) * self.ring_alpha) / (2 * (ranks - 1) / ranks * nbytes)
+        if beta <= 0:
+            return self, "ring beta from the fit"
+        note = f"ring beta at {nbytes / 2**20:.2f} MiB as measured ({1e3 * measured:.2f} ms on {ranks} ranks)"
+        return replace(self, ring_beta=beta), note
 
 
 @dataclass(frozen=True)
@@ -99,10 +120,12 @@ def fit_alpha_beta(nbytes: list[float], seconds: list[float]) -> tuple[float, fl
 def network_from_comm(path: str) -> Network:
     """alpha/beta from `hpcdl bench comm --json`: Send/Recv for point-to-point, Allreduce for the ring."""
     try:
-        ops = json.loads(Path(path).read_text())["ops"]
+        data = json.loads(Path(path).read_text())
+        ops = data["ops"]
         p2p, ring = ops["sendrecv"]["fit"], ops["allreduce"]["fit"]
-        return Network(p2p["alpha_s"], p2p["beta_s_per_byte"], ring["alpha_s"], ring["beta_s_per_byte"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        curve = (tuple(ops["allreduce"]["bytes"]), tuple(ops["allreduce"]["seconds"]), int(data["ranks"]))
+        return Network(p2p["alpha_s"], p2p["beta_s_per_byte"], ring["alpha_s"], ring["beta_s_per_byte"], curve)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise DataError(f"--comm {path}: not a `hpcdl bench comm --json` file ({exc})") from None
 
 
@@ -186,6 +209,7 @@ def run_projection(opts: argparse.Namespace) -> dict:
         raise ConfigError("scale project: --batch must be >= 0, --micro-batches and --max-nodes >= 1")
     if opts.batch:
         work = replace(work, global_batch=opts.batch)
+    net, ring_note = net.at_size(work.grad_bytes)
     nodes = [p for p in NODES if p <= opts.max_nodes]
     strong, weak = project(work, net, "strong", nodes), project(work, net, "weak", nodes)
     print(
@@ -193,6 +217,7 @@ def run_projection(opts: argparse.Namespace) -> dict:
         f" ms/step, gradients {work.grad_bytes / 2**20:.2f} MiB, global batch {work.global_batch}; "
         f"alpha {1e6 * net.alpha:.2f} us, beta {1e9 * net.beta:.4f} ns/B (p2p)"
         + (f", ring alpha {1e6 * net.ring_alpha:.2f} us, beta {1e9 * net.ring_beta:.4f} ns/B" if net.ring_alpha else "")
+        + (f" ({ring_note})" if net.ring_alpha else "")
     )
     headers = ["nodes"] + [f"{s} {m}" for m in ("strong", "weak") for s in STRATEGIES]
     body = []
@@ -211,7 +236,8 @@ def run_projection(opts: argparse.Namespace) -> dict:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "projection.md").write_text(text + "\n")
-    result = {"nodes": nodes, "strong": strong, "weak": weak, "errors": errors, "network": net.__dict__}
+    network = {name: value for name, value in net.__dict__.items() if name != "ring_measured"}
+    result = {"nodes": nodes, "strong": strong, "weak": weak, "errors": errors, "network": network}
     (out / "projection.json").write_text(json.dumps(result, indent=2) + "\n")
     measured = [(r.ranks, r.speedup) for r in rows] if rows else None
     fig = projection_figure(strong, weak, nodes, measured)

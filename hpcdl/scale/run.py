@@ -127,8 +127,8 @@ def _check_inputs(opts: argparse.Namespace, ranks: list[int]) -> int:
     from hpcdl.parallel.layout import Layout
 
     cfg = config.load(opts.config, opts.set)
-    if opts.steps < 1 or opts.warmup < 0 or opts.repeats < 1 or opts.threads < 1:
-        raise ConfigError("scale run: --steps, --repeats and --threads must be >= 1, --warmup >= 0")
+    if opts.steps < 1 or opts.warmup < 0 or opts.repeats < 1 or opts.threads < 1 or (opts.per_node or 1) < 1:
+        raise ConfigError("scale run: --steps, --repeats, --threads and --per-node must be >= 1, --warmup >= 0")
     info = validate(cfg.data.path)
     base = cfg.train.batch_size
     for r in ranks:
@@ -139,7 +139,7 @@ def _check_inputs(opts: argparse.Namespace, ranks: list[int]) -> int:
 
 def _launch(opts: argparse.Namespace, ranks: int, batch: int, run_dir: Path) -> None:
     """One `hpcdl train` job at `ranks` ranks, through mpiexec or srun, with a timeout."""
-    from hpcdl.bench.common import mpiexec
+    from hpcdl.bench.common import launcher
 
     total = opts.warmup + opts.steps
     train = [sys.executable, "-m", "hpcdl", "train", "--config", opts.config, "--threads", str(opts.threads)]
@@ -155,13 +155,12 @@ def _launch(opts: argparse.Namespace, ranks: int, batch: int, run_dir: Path) -> 
         "run.keep=1",
     ]:
         train += ["--set", assignment]
+    command = launcher(opts.launcher, ranks, opts.per_node)
     if opts.launcher == "srun":
-        launcher = ["srun", "-n", str(ranks), f"--cpus-per-task={opts.threads}"]
-    else:
-        launcher = [*mpiexec(), "-n", str(ranks)]
+        command.append(f"--cpus-per-task={opts.threads}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(opts.threads)}
     try:
-        done = subprocess.run([*launcher, *train], capture_output=True, text=True, timeout=opts.timeout, env=env)
+        done = subprocess.run([*command, *train], capture_output=True, text=True, timeout=opts.timeout, env=env)
     except subprocess.TimeoutExpired:
         raise HpcdlError(f"scale run: {ranks}-rank run timed out after {opts.timeout:.0f} s ({run_dir})") from None
     if done.returncode != 0:
@@ -189,6 +188,7 @@ def run_study(opts: argparse.Namespace) -> Path:
         "repeats": opts.repeats,
         "threads": opts.threads,
         "launcher": opts.launcher,
+        "per_node": opts.per_node,
         "provenance": provenance(max(ranks), opts.threads),
     }
     write_study(out, meta)
