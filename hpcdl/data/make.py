@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -122,7 +123,8 @@ def _write(
     out = Path(out)
     row_bytes = 4 * math.prod(feature_shape)
     rows_per_chunk = chunk_rows or max(1, CHUNK_BYTES // row_bytes)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    # Host and pid: on a shared file system, two nodes' processes may have the same pid.
+    tmp = out.with_name(f".{out.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     total = sum(sizes.values())
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
