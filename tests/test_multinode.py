@@ -217,7 +217,7 @@ def test_bench_comm_between_nodes_recovers_the_throttled_link(cluster, tmp_path)
         assert throttle.returncode == 0, throttle.stdout + throttle.stderr
         result = subprocess.run(
             ["salloc", "-Q", "-N2", "--time=3", sys.executable, "-m", "hpcdl", "bench", "comm", "--launcher", "srun",
-             "--per-node", "1", "--max-bytes", "65536", "--max-calls", "50", "--json", str(tmp_path / "comm.json")],
+             "--per-node", "1", "--max-bytes", "262144", "--max-calls", "30", "--json", str(tmp_path / "comm.json")],
             env=cluster, capture_output=True, text=True, timeout=180,
         )  # fmt: skip
     finally:

@@ -115,6 +115,14 @@ fail() {
 for daemon in slurmctld slurmd; do
   alive "$state/$daemon.pid" "$daemon" && continue
   rm -f "$state/$daemon.pid"
+  if [[ $daemon == slurmd ]] && command -v unshare >/dev/null; then
+    # Jobs get a /dev/shm of their own: MPI names its shared-memory segments after the job id, and a
+    # segment left on the host by a killed job of an earlier cluster with the same ids would be reused.
+    unshare --mount --propagation private -- sh -c \
+      "mount -t tmpfs -o mode=1777 tmpfs /dev/shm && exec slurmd -f '$conf'" \
+      </dev/null >>"$state/slurmd.log" 2>&1 || fail "slurmd did not start"
+    continue
+  fi
   "$daemon" -f "$conf" </dev/null >>"$state/$daemon.log" 2>&1 || fail "$daemon did not start"
 done
 
