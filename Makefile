@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[mpich,datasets,plots,dev]'
+	$(BIN)/pip install -q -e '.[mpich,datasets,plots,tensorboard,dev]'
 	touch $@
 
 datasets/digits.h5: | $(STAMP)

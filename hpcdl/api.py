@@ -7,7 +7,7 @@ parallel.data, train): one engine, two ways in.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -152,18 +152,41 @@ def fit(
     config: str | None = None,
     resume: str | None = None,
     overwrite: bool = False,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    callbacks: Sequence[Any] = (),
     **options: Any,
 ) -> dict[str, Any]:
     """Train your `model` on an hpcdl HDF5 file with the command line's loop; returns the run's summary.
 
-    Options are config keys by name (`epochs=5, batch_size=128, lr=0.05, optimizer="adam",
-    run_dir="runs/mine", compression="fp16"`, or `section_key` such as `train_seed`); `config`
-    starts from a named config or TOML file. Same loop, checkpoints, logs and summary as
-    `hpcdl train`; `resume="latest"` continues from the run's newest checkpoint, `overwrite=True` moves an
-    old run in the folder aside instead of refusing to start over it.
+    Options are config keys by name (`epochs=5, batch_size=128, lr=0.05, optimizer="adam", schedule="cosine",
+    clip_grad_norm=1.0, loss="huber", run_dir="runs/mine"`, or `section_key` such as `train_seed`); `config`
+    starts from a named config or TOML file. Your own parts: `loss_fn(outputs, targets)` returning the MEAN
+    loss over the samples; `optimizer=` a function of the parameters to optimise returning a torch optimizer
+    (instead of a name); `scheduler=` a function of the optimizer returning a torch LR scheduler (stepped per
+    optimizer step); `callbacks`, objects with `on_step_end(record)` (every `log_every` steps) and/or
+    `on_epoch_end(record)`. Same loop, checkpoints, logs and summary as `hpcdl train`; `resume="latest"`
+    continues from the run's newest checkpoint, `overwrite=True` moves an old run in the folder aside.
     """
-    from hpcdl.train import train
+    from hpcdl.train import UserParts, train
 
+    optimizer = options.get("optimizer")
+    make_optimizer = options.pop("optimizer") if callable(optimizer) else None
     world = init()
     cfg = world.agree(lambda: _checked_fit_config(model, data_path, config, options))
-    return train(cfg, world, resume=resume, model=model, overwrite=overwrite)
+    world.agree(lambda: _check_parts(make_optimizer, scheduler, callbacks))
+    parts = UserParts(loss_fn, make_optimizer, scheduler, tuple(callbacks))
+    return train(cfg, world, resume=resume, model=model, overwrite=overwrite, parts=parts)
+
+
+def _check_parts(make_optimizer: Any, scheduler: Any, callbacks: Any) -> None:
+    """fit's own parts are of the kinds it takes, each refusal one line."""
+    if scheduler is not None and not callable(scheduler):
+        raise ConfigError(f"hpcdl.fit: scheduler must be a function of the optimizer, got {type(scheduler).__name__}")
+    if isinstance(callbacks, str | bytes) or not isinstance(callbacks, Sequence):
+        raise ConfigError(f"hpcdl.fit: callbacks must be a list of objects, got {type(callbacks).__name__}")
+    for callback in callbacks:
+        if not any(callable(getattr(callback, hook, None)) for hook in ("on_step_end", "on_epoch_end")):
+            raise ConfigError(
+                f"hpcdl.fit: callback {callback!r} has neither on_step_end(record) nor on_epoch_end(record)"
+            )

@@ -36,6 +36,7 @@ CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
 PARTIAL_NAME = re.compile(r"^\..+\.partial$")
 MANIFEST = "manifest.json"
 WEIGHTS = "model.pt"
+BEST = "best.pt"  # run.keep_best: the best epoch's checkpoint, beside the newest ones
 # Room beyond the checkpoints themselves: the manifest, filesystem blocks, rounding of the estimate.
 SPACE_MARGIN = 1 << 20
 # What a checkpoint stores besides its tensors' bytes: config, RNG states, pickled names and zip records.
@@ -190,6 +191,15 @@ def save(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 3) -
     # Old files go only once the manifest no longer lists them: it never names a missing file.
     _remove_unlisted(folder, kept)
     return final
+
+
+def save_best(run_dir: str | Path, state: dict[str, Any]) -> Path:
+    """Write `state` as checkpoints/best.pt (atomically): outside the rotation of step-N.pt, so never pruned."""
+    folder = checkpoint_dir(run_dir)
+    _make_folder(folder)
+    path = folder / BEST
+    _write_file("best checkpoint", path, _serialize(state))
+    return path
 
 
 def save_weights(run_dir: str | Path, state_dict: Mapping[str, torch.Tensor]) -> Path:

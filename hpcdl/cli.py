@@ -1,11 +1,43 @@
-"""The command line: hpcdl data | train | checkpoint | infer | evaluate | export | bench | scale | slurm."""
+"""The command line: hpcdl data | train | checkpoint | plot | infer | evaluate | export | bench | scale | slurm.
+
+Building the parser imports no torch, h5py or mpi4py (every command module defers them to the
+command itself), so `--help` and bad usage answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
+from hpcdl import __version__
 from hpcdl.errors import HpcdlError
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends with the option's default, except where that says nothing or is said already.
+
+    Left out: no default (None or an empty list), flags (off unless given), and help that names its default itself.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, []) or action.nargs == 0 or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A parser whose help shows defaults; add_subparsers makes every sub-command's parser one too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        """argparse's add_argument; an option without help text still shows its default."""
+        if kwargs.get("help") is None and kwargs.get("default") is not None:
+            kwargs["help"] = "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -37,6 +69,14 @@ def _checkpoint_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from hpcdl.plot import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
 def _add_benchmarks(commands) -> None:
     from hpcdl.bench import allreduce, comm, dp, infer, io, pipeline
 
@@ -62,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     from hpcdl.scale import register as register_scale
     from hpcdl.slurm import register as register_slurm
 
-    parser = argparse.ArgumentParser(prog="hpcdl", description="MPI data/model parallel training on HDF5 data")
+    parser = _Parser(prog="hpcdl", description="MPI data/model parallel training on HDF5 data")
+    parser.add_argument("--version", action="version", version=f"hpcdl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     register_data(commands)
 
@@ -95,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = ckpt_commands.add_parser("info", help="step, epoch, world size, config and parameter digest")
     info.add_argument("path", help="a checkpoint file, or a run folder (its newest valid checkpoint)")
     info.set_defaults(func=_checkpoint_info)
+    plot = commands.add_parser("plot", help="a run's metrics.jsonl as PNGs: loss, per-epoch metrics, learning rate")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a training run's folder (its run.dir)")
+    plot.add_argument("--out", metavar="FOLDER", help="where the PNGs go (default: RUN_DIR)")
+    plot.set_defaults(func=_plot)
     register_infer(commands)
     _add_benchmarks(commands)
     register_scale(commands)

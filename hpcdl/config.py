@@ -47,6 +47,11 @@ ABOVE_ZERO = Range(0, open_low=True)
 # np.random.seed (RandomState) refuses 2**32 and up; a seed that every RNG takes can be handed on by users' code.
 SEEDS = Range(0, high=2**32)
 COMPRESSIONS = ("none", "fp16", "bf16")  # gradients' type on the wire (hpcdl.parallel.grad_sync.WIRE_DTYPES)
+SCHEDULES = ("constant", "cosine", "step", "onecycle")  # hpcdl.schedule builds each
+PRECISIONS = ("fp32", "bf16", "fp16")  # hpcdl.precision
+LOSSES = ("cross_entropy", "mse", "l1", "huber")  # hpcdl.parallel.loss.BUILT_IN_LOSSES
+# Keys renamed: the old name still works, said once at start.
+RENAMED = {("run", "warmup_steps"): "timing_skip_steps"}
 
 
 def check_number(name: str, value: Any, limits: Range, integer: bool = False) -> None:
@@ -149,9 +154,22 @@ class TrainConfig:
     weight_decay: float = number(0.0, NON_NEGATIVE)
     seed: int = number(0, SEEDS)
     max_steps: int = number(0, NON_NEGATIVE)  # stop after this many steps in total; 0 = run all epochs
+    # "" = the task's default (cross_entropy for classification, mse for regression); or mse, l1, huber,
+    # cross_entropy, or "module:function" taking (outputs, targets) and returning the MEAN loss over samples.
+    loss: str = ""
+    schedule: str = "constant"  # constant | cosine | step | onecycle: the learning rate over optimizer steps
+    lr_warmup_steps: int = number(0, NON_NEGATIVE)  # optimizer steps of linear warm-up from 0 to lr
+    lr_step_every: int = number(0, NON_NEGATIVE)  # schedule "step": steps between decays; 0 = a third of the run
+    lr_gamma: float = number(0.1, ABOVE_ZERO)  # schedule "step": the factor of each decay
+    clip_grad_norm: float = number(0.0, NON_NEGATIVE)  # clip the whole model's gradient to this L2 norm; 0 = off
+    precision: str = "fp32"  # fp32 | bf16 | fp16: the forward under torch.autocast; weights stay in model.dtype
 
     def check(self) -> None:
         _choice("train.optimizer", self.optimizer, ("sgd", "adam", "adamw"))
+        _choice("train.schedule", self.schedule, SCHEDULES)
+        _choice("train.precision", self.precision, PRECISIONS)
+        if self.loss and ":" not in self.loss:
+            _choice("train.loss", self.loss, LOSSES)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -162,7 +180,13 @@ class RunConfig:
     checkpoint_every: int = number(0, NON_NEGATIVE)  # steps between checkpoints; 0 = only at the end
     keep: int = number(3, POSITIVE)  # checkpoints kept
     progress: bool = True  # progress bar on rank 0
-    warmup_steps: int = number(0, NON_NEGATIVE)  # first steps left out of the summary's timings (samples/s, split)
+    timing_skip_steps: int = number(0, NON_NEGATIVE)  # first steps left out of the summary's timings (samples/s)
+    log_every: int = number(0, NON_NEGATIVE)  # optimizer steps between step records in metrics.jsonl; 0 = none
+    # Stop when a metric of the epoch records has not improved for `patience` epochs, e.g.
+    # {metric = "val_loss", patience = 5} (mode "min" or "max", default: max for acc and r2, else min).
+    early_stop: dict[str, Any] = field(default_factory=dict)
+    keep_best: bool = False  # keep checkpoints/best.pt: the epoch best by early_stop's metric (else val_loss)
+    tensorboard: bool = False  # also write the step and epoch records as TensorBoard events in RUN_DIR/tensorboard
     # A step running longer ends the job with a report of the stuck ranks: "auto" derives the limit from
     # measured step times (see hpcdl.watchdog); a number of seconds fixes it; 0 turns it off.
     watchdog_s: float | str = "auto"
@@ -176,6 +200,19 @@ class RunConfig:
         _need(auto or _finite(self.watchdog_s) and self.watchdog_s >= 0, "run.watchdog_s",
               "must be >= 0 seconds (0 turns the watchdog off) or 'auto'")  # fmt: skip
         _choice("run.nan_policy", self.nan_policy, ("abort", "skip"))
+        if self.early_stop:
+            unknown = sorted(set(self.early_stop) - {"metric", "patience", "mode"})
+            _need(not unknown, "run.early_stop", f"has unknown key(s) {unknown} (keys: metric, patience, mode)")
+            _need(
+                isinstance(self.early_stop.get("metric"), str),
+                "run.early_stop",
+                "needs a metric of the epoch records, e.g. {metric = 'val_loss', patience = 5}",
+            )
+            patience = self.early_stop.setdefault("patience", 5)
+            check_number("config: run.early_stop.patience", patience, POSITIVE, integer=True)
+            metric = self.early_stop["metric"]
+            mode = self.early_stop.setdefault("mode", "max" if metric.endswith(("acc", "r2")) else "min")
+            _choice("run.early_stop.mode", mode, ("min", "max"))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -321,9 +358,16 @@ def from_dict(tree: dict[str, Any], source: str = "", folder: str = "") -> Confi
     for name in tree:
         if name not in SECTIONS:
             raise ConfigError(f"config: unknown section [{name}] (known: {', '.join(SECTIONS)})")
+    notes = []
+    for (section, old), new in RENAMED.items():
+        table = tree.get(section)
+        if isinstance(table, dict) and old in table:
+            _need(new not in table, f"{section}.{old}", f"is the old name of {section}.{new}: give only one of them")
+            tree = {**tree, section: {(new if key == old else key): value for key, value in table.items()}}
+            notes.append(f"{section}.{old} is now {section}.{new} (the old name still works)")
     hints = get_type_hints(Config)
     sections = {name: _section_from(name, hints[name], tree.get(name, {})) for name in SECTIONS}
-    return Config(**sections, source=source, folder=folder).check()
+    return Config(**sections, source=source, folder=folder, notes=notes).check()
 
 
 def named_configs() -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import torch
 
 from hpcdl import trace
 from hpcdl.comm import World
+from hpcdl.errors import ConfigError
 
 # send/recv: pipeline point-to-point traffic (time spent posting sends and waiting for receives).
 PHASES = ("data", "forward", "backward", "send", "recv", "comm", "optimizer")
@@ -117,6 +119,60 @@ class JsonlLog:
             out.write(strict_json({"time": time.time(), **record}) + "\n")
 
 
+class CsvLog:
+    """Epoch records as rows of a CSV file written by rank 0 (the header from the first record; appended on resume)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one row; a new file starts with the header."""
+        if self.path is None:
+            return
+        names = list(record)
+        fresh = not self.path.exists()
+        with self.path.open("a", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=names, extrasaction="ignore")
+            if fresh:
+                writer.writeheader()
+            writer.writerow(record)
+
+
+class TensorBoardLog:
+    """Records as TensorBoard scalars, written by rank 0 (`run.tensorboard`; the `tensorboard` extra)."""
+
+    def __init__(self, folder: Path | None):
+        self.writer = None
+        if folder is not None:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package: checked at start
+
+            self.writer = SummaryWriter(str(folder))
+
+    def write(self, group: str, record: dict[str, Any], step: int) -> None:
+        """Every number of `record` (but its position) as scalar `group/name` at `step`."""
+        if self.writer is None:
+            return
+        for name, value in record.items():
+            if name not in ("step", "epoch") and isinstance(value, int | float) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{group}/{name}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+def check_tensorboard() -> None:
+    """run.tensorboard needs the tensorboard package: say how to get it before the run starts."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "run.tensorboard = true needs the tensorboard package: pip install 'hpcdl[tensorboard]' (or tensorboard)"
+        ) from None
+
+
 class StepClock:
     """Steps' wall time and samples after the first `warmup` steps, and the phase split of those steps."""
 
@@ -167,7 +223,7 @@ def run_summary(world: World, clock: StepClock, history: dict[str, Any], elapsed
         "ranks": world.size,
         "threads_per_rank": threads,
         "steps": figures["steps"],
-        "warmup_steps": run.pop("warmup_steps"),
+        "timing_skip_steps": run.pop("timing_skip_steps"),
         "global_batch": run.pop("global_batch"),
         "params": run.pop("params"),
         "samples_per_s": figures["samples_per_s"],

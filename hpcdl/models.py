@@ -75,8 +75,8 @@ assert tuple(MODELS) == MODEL_NAMES, "config.MODEL_NAMES lists the models built 
 SEQUENTIAL = ("mlp", "cnn")  # built layer by layer, so a pipeline stage can build only its own
 
 
-def load_factory(spec: str, folder: str = "") -> Callable[..., Any]:
-    """The function named by 'package.module:function', looked for on sys.path, then in `folder`."""
+def load_factory(spec: str, folder: str = "", key: str = "model.factory") -> Callable[..., Any]:
+    """The function named by 'package.module:function' (config key `key`), looked for on sys.path, then in `folder`."""
     module_name, _, function_name = spec.partition(":")
     if folder and folder not in sys.path:
         # Appended, not prepended: a module on PYTHONPATH wins over one next to the config.
@@ -85,14 +85,12 @@ def load_factory(spec: str, folder: str = "") -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise ConfigError(f"model.factory = {spec!r}: cannot import {exc.name!r}; put it on {where}") from None
+        raise ConfigError(f"{key} = {spec!r}: cannot import {exc.name!r}; put it on {where}") from None
     except Exception as exc:  # noqa: BLE001 - the user's module failed while importing: report why
-        raise ConfigError(
-            f"model.factory = {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
-        ) from None
+        raise ConfigError(f"{key} = {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise ConfigError(f"model.factory = {spec!r}: module {module_name!r} has no function {function_name!r}")
+        raise ConfigError(f"{key} = {spec!r}: module {module_name!r} has no function {function_name!r}")
     return function
 
 
@@ -102,8 +100,9 @@ def from_factory(
     """Call the user's `factory(feature_shape, num_classes, **kwargs)` and check it returns an nn.Module.
 
     The factory's signature: `feature_shape` is one sample's shape, e.g. (64,) or (1, 28, 28);
-    `num_classes` the number of labels; `kwargs` the `[model] kwargs` table. It returns a
-    `torch.nn.Module` mapping a batch (n, *feature_shape) to logits (n, num_classes).
+    `num_classes` the number of outputs (the classes; for a regression set, the elements of one
+    sample's target); `kwargs` the `[model] kwargs` table. It returns a `torch.nn.Module` mapping a
+    batch (n, *feature_shape) to (n, num_classes): logits, or the flattened predicted targets.
     """
     factory = load_factory(spec, folder)
     try:

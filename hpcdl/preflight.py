@@ -22,8 +22,10 @@ from hpcdl.data.loader import Loader, SplitReader
 from hpcdl.data.partition import DataShare, Partition
 from hpcdl.data.schema import DatasetInfo, validate
 from hpcdl.errors import ConfigError, HpcdlError
+from hpcdl.metrics import check_tensorboard
 from hpcdl.models import build, is_meta, materialize, torch_dtype
 from hpcdl.parallel.layout import Layout
+from hpcdl.parallel.loss import CLASSIFICATION, LossFn, Objective, make_objective
 
 # Bytes per parameter beside the parameter itself: its gradient, and the optimizer's slots.
 OPTIMIZER_SLOTS = {"sgd": 1, "adam": 2, "adamw": 2}
@@ -76,14 +78,16 @@ class Setup:
     position: RunState = field(default_factory=RunState)
     move_aside: Path | None = None  # --overwrite: where the old run goes
     lock: rundir.RunLock | None = None  # rank 0: the run folder's lock, held for the run
+    objective: Objective = CLASSIFICATION  # the data's task and the loss (train.loss, or hpcdl.fit's loss_fn)
 
 
 def prepare(
-    cfg: Config, world: World, resume: str | None, model: torch.nn.Module | None = None, overwrite: bool = False
-) -> Setup:
-    """Validate data, layout, model, checkpoint and run folder on every rank; then claim the run folder.
+    cfg: Config, world: World, resume: str | None, model: torch.nn.Module | None = None, overwrite: bool = False,
+    loss_fn: LossFn | None = None,
+) -> Setup:  # fmt: skip
+    """Validate data, layout, model, loss, checkpoint and run folder on every rank; then claim the run folder.
 
-    `model` is a user's own network (hpcdl.fit); otherwise the config's model is built.
+    `model` is a user's own network and `loss_fn` their loss (hpcdl.fit); otherwise the config's are used.
     """
     info = world.agree(lambda: validate(cfg.data.path, scan=cfg.data.scan) if world.is_root else None)
     info = world.comm.bcast(info, root=0)
@@ -91,6 +95,10 @@ def prepare(
 
     def build_rank_parts() -> Setup:
         layout = Layout.from_config(cfg, world.size)
+        objective = make_objective(info.task, cfg.train.loss, info.target_shape, cfg.folder, loss_fn)
+        check_early_stop(cfg, objective)
+        if cfg.run.tensorboard:
+            check_tensorboard()
         built = model if model is not None else build_model(cfg, info, layout, world)
         layout.check_model(built)
         layout.check_data(info)
@@ -98,7 +106,7 @@ def prepare(
         path = checkpoint.resolve(resume, cfg.run.dir, notes) if resume else None
         state = checkpoint.load(path) if path else None
         name = type(model).__name__ if model is not None else cfg.model.factory or cfg.model.name
-        setup = Setup(info, layout, built, state, name)
+        setup = Setup(info, layout, built, state, name, objective=objective)
         if state:  # the config's changes first: they say why weights would not fit
             setup.position = resume_position(state, cfg, info, notes)
             checkpoint.restore_model(built, state, path)
@@ -133,7 +141,7 @@ def make_loaders(cfg: Config, world: World, info: DatasetInfo, share: DataShare)
 def build_model(cfg: Config, info: DatasetInfo, layout: Layout, world: World) -> torch.nn.Module:
     """The config's model: its size checked against memory on the meta device, then allocated where the layout says."""
     dtype, seed = torch_dtype(cfg.model.dtype), cfg.train.seed
-    model = build(cfg.model, info.feature_shape, info.num_classes, seed, cfg.folder, "meta", dtype)
+    model = build(cfg.model, info.feature_shape, info.outputs, seed, cfg.folder, "meta", dtype)
     if is_meta(model):
         check_memory(model, cfg.train.optimizer, world.local_size, layout)
         if layout.model_device != "meta":
@@ -184,12 +192,25 @@ def check_output(model: torch.nn.Module, info: DatasetInfo, dtype: torch.dtype) 
         ) from None
     finally:
         model.train(was_training)
-    if not torch.is_tensor(out) or tuple(out.shape) != (2, info.num_classes):
+    if not torch.is_tensor(out) or tuple(out.shape) != (2, info.outputs):
         got = tuple(out.shape[1:]) if torch.is_tensor(out) else type(out).__name__
-        raise ConfigError(
-            f"the model gives {got} per sample, but the data has {info.num_classes} classes: "
-            f"its last layer must have {info.num_classes} outputs"
+        has = (
+            f"{info.num_classes} classes"
+            if info.task == "classification"
+            else f"regression targets of shape {tuple(info.target_shape)}"
         )
+        raise ConfigError(
+            f"the model gives {got} per sample, but the data has {has}: its last layer must have {info.outputs} outputs"
+        )
+
+
+def check_early_stop(cfg: Config, objective: Objective) -> None:
+    """run.early_stop and run.keep_best watch a metric the epoch records of this task hold."""
+    if not cfg.run.early_stop:
+        return
+    metric, known = cfg.run.early_stop["metric"], objective.metric_names()
+    if metric not in known:
+        raise ConfigError(f"config: run.early_stop.metric = {metric!r} is not a metric of this run: {', '.join(known)}")
 
 
 def plan_run_folder(cfg: Config, setup: Setup, overwrite: bool, notes: list[str]) -> None:
@@ -209,7 +230,10 @@ def plan_run_folder(cfg: Config, setup: Setup, overwrite: bool, notes: list[str]
 
 def dataset_identity(info: DatasetInfo) -> dict[str, Any]:
     """What a checkpoint records of its dataset: a moved file is the same data only if these agree."""
-    return {"sizes": dict(info.sizes), "feature_shape": list(info.feature_shape), "num_classes": info.num_classes}
+    identity = {"sizes": dict(info.sizes), "feature_shape": list(info.feature_shape), "num_classes": info.num_classes}
+    if info.task != "classification":  # classification's record stays as checkpoints have always held it
+        identity.update(task=info.task, target_shape=list(info.target_shape))
+    return identity
 
 
 def resume_position(state: dict[str, Any], cfg: Config, info: DatasetInfo, notes: list[str]) -> RunState:

@@ -20,6 +20,7 @@ import torch
 
 from hpcdl.comm import EXIT_REQUEUE, World, mpi
 from hpcdl.parallel.strategy import Strategy
+from hpcdl.precision import LossScaler
 
 # Ctrl-C (SIGINT) stops like the batch system's SIGTERM and the requeue warning SIGUSR1.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -107,9 +108,11 @@ class StepGuard:
     """The per-step agreement (stop request, NaN/Inf) and the every-K-steps replica check."""
 
     def __init__(
-        self, world: World, strategy: Strategy, nan_policy: str = "abort", check_every: int = 0, data_path: str = ""
-    ):
+        self, world: World, strategy: Strategy, nan_policy: str = "abort", check_every: int = 0, data_path: str = "",
+        scaler: LossScaler | None = None,
+    ):  # fmt: skip
         self.world, self.strategy, self.nan_policy, self.data_path = world, strategy, nan_policy, data_path
+        self.scaler = scaler or LossScaler()  # fp16: overflowing gradients skip the step and halve the scale
         self.names = strategy.param_names
         self.signals = StopSignals()
         # Replicas can be compared only when every rank holds the whole model (data parallel).
@@ -134,7 +137,11 @@ class StepGuard:
         self.world.comm.Allreduce(mpi().IN_PLACE, self.flags, op=mpi().MAX)
         stop_signal = signal.Signals(int(self.flags[0])).name if self.flags[0] else None
         if not (self.flags[1] or self.flags[2]):
+            self.scaler.update(overflowed=False)
             return Verdict(True, stop_signal)
+        if self.scaler.enabled and not self.flags[1]:  # a finite loss whose scaled gradients overflowed: expected
+            self.scaler.update(overflowed=True)
+            return Verdict(False, stop_signal)
         bad_rank = self.world.size - int(self.flags[1])
         where = f" on rank {bad_rank}" if self.flags[1] else ""
         what = "loss" if self.flags[1] else "gradients (the loss was finite on every rank)"

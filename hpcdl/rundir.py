@@ -29,8 +29,9 @@ CONFIG = "config.toml"
 # Keys whose change keeps a saved position meaningful: how long to train, how fast to learn, what to log;
 # data.path only when the file holds the same dataset (checked against the checkpoint's record, hpcdl.preflight).
 FREE_TO_CHANGE = {
-    "train": {"epochs", "max_steps", "lr", "momentum", "weight_decay"},
-    "run": {"progress", "warmup_steps", "watchdog_s", "check_every", "checkpoint_every", "keep", "nan_policy", "dir"},
+    "train": {"epochs", "max_steps", "lr", "momentum", "weight_decay", "clip_grad_norm"},
+    "run": {"progress", "timing_skip_steps", "log_every", "watchdog_s", "check_every", "checkpoint_every", "keep",
+            "nan_policy", "dir", "early_stop", "keep_best", "tensorboard"},
     "data": {"cache_mb", "prefetch", "scan", "path"},
     "parallel": {"bucket_mb", "overlap", "compression", "accumulate_steps", "micro_batches", "schedule", "balance",
                  "cuts", "stages", "replicas", "tensor", "mode"},

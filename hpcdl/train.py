@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +21,41 @@ from hpcdl.comm import World
 from hpcdl.config import Config, TrainConfig
 from hpcdl.data.loader import Loader
 from hpcdl.faults import Injector
-from hpcdl.metrics import JsonlLog, StepClock, run_summary, strict_json
+from hpcdl.metrics import CsvLog, JsonlLog, StepClock, TensorBoardLog, run_summary, strict_json
 from hpcdl.parallel import make_strategy
+from hpcdl.parallel.loss import LossFn, Objective
 from hpcdl.parallel.strategy import Strategy
+from hpcdl.precision import LossScaler
 from hpcdl.preflight import RunState, Setup, dataset_identity, make_loaders, prepare
 from hpcdl.progress import Progress
 from hpcdl.resilience import StepGuard, Verdict
+from hpcdl.schedule import make_scheduler
+from hpcdl.stopping import BestEpoch
 from hpcdl.watchdog import Watchdog
+
+Scheduler = torch.optim.lr_scheduler.LRScheduler
+
+
+@dataclass
+class UserParts:
+    """What hpcdl.fit may hand the loop beside the config: the user's loss, optimizer, schedule and callbacks.
+
+    `optimizer(params)` returns a torch optimizer over the parameters this rank optimises (a split
+    model's part); `scheduler(optimizer)` a torch LR scheduler, stepped once per optimizer step; each
+    callback may define `on_step_end(record)` (every run.log_every steps) and `on_epoch_end(record)`.
+    """
+
+    loss_fn: LossFn | None = None
+    optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None
+    scheduler: Callable[[torch.optim.Optimizer], Scheduler] | None = None
+    callbacks: Sequence[Any] = ()
+
+    def call(self, hook: str, record: dict[str, Any]) -> None:
+        """Run every callback's `hook` with the record (a copy each, so none sees another's changes)."""
+        for callback in self.callbacks:
+            method = getattr(callback, hook, None)
+            if method is not None:
+                method(dict(record))
 
 
 def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -36,12 +67,19 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
 
 
 def evaluate(strategy: Strategy, loader: Loader, world: World) -> dict[str, float]:
-    """Validation loss and accuracy over the whole split, summed over ranks."""
-    sums = np.zeros(3)
+    """Validation loss and the task's metrics over the whole split, summed over ranks."""
+    objective = strategy.objective
+    sums = np.zeros(objective.width)
     for batch in loader.epoch(0):
-        sums += strategy.evaluate_batch(batch).vector()
-    loss, correct, count = world.allreduce_sum(sums)
-    return {"val_loss": loss / max(count, 1), "val_acc": correct / max(count, 1)}
+        sums += strategy.evaluate_batch(batch).vector(objective.width)
+    return objective.metrics(world.allreduce_sum(sums), prefix="val_")
+
+
+def optimizer_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """How many optimizer steps the whole run takes (the horizon of the learning-rate schedule)."""
+    per_epoch = math.ceil(steps_per_epoch / cfg.parallel.accumulate_steps)
+    total = cfg.train.epochs * per_epoch
+    return min(total, cfg.train.max_steps // cfg.parallel.accumulate_steps) if cfg.train.max_steps else total
 
 
 def accumulation_window(step_in_epoch: int, steps_per_epoch: int, accumulate: int) -> tuple[bool, float]:
@@ -58,45 +96,57 @@ def train(
     model: torch.nn.Module | None = None,
     faults: Injector | None = None,
     overwrite: bool = False,
+    parts: UserParts | None = None,
 ) -> dict[str, Any]:
-    """Train as the config says (or `model`, a user's own network); returns the final summary (same on every rank).
+    """Train as the config says (or `model`, a user's own network, and `parts`, their loss, optimizer, schedule
+    and callbacks); returns the final summary (the same on every rank).
 
     A run stopped by SIGTERM/SIGUSR1/SIGINT checkpoints and returns {"stopped_by": signal name, ...} instead;
     a resumed run that is already complete returns {"complete": True, ...} without training.
     `overwrite` moves an old run in run.dir aside instead of refusing to start over it.
     """
-    setup = prepare(cfg, world, resume, model, overwrite)
+    parts = parts or UserParts()
+    setup = prepare(cfg, world, resume, model, overwrite, parts.loss_fn)
     try:
-        return run(cfg, world, setup, faults)
+        return run(cfg, world, setup, faults, parts)
     finally:
         if setup.lock is not None:
             setup.lock.release()
 
 
-def run(cfg: Config, world: World, setup: Setup, faults: Injector | None) -> dict[str, Any]:
+def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts: UserParts) -> dict[str, Any]:
     """The loop over epochs and steps, from the position `setup` holds, to the summary."""
     saved = setup.resume_state
-    strategy = make_strategy(cfg, setup.layout, world, setup.model, setup.info.feature_shape, saved and saved["model"])
+    strategy = make_strategy(
+        cfg, setup.layout, world, setup.model, setup.info.feature_shape, saved and saved["model"], setup.objective
+    )
     train_loader, val_loader = make_loaders(cfg, world, setup.info, strategy.share)
-    optimizer = build_optimizer(cfg.train, strategy.params)
+    steps_per_epoch = len(train_loader)
+    optimizer = parts.optimizer(strategy.params) if parts.optimizer else build_optimizer(cfg.train, strategy.params)
+    scheduler = build_scheduler(cfg, parts, optimizer, steps_per_epoch)
     if saved:
         strategy.load_optimizer_state(optimizer, saved["optimizer"])
+        restore_scheduler(scheduler, saved, cfg.parallel.accumulate_steps)
         checkpoint.restore_rng(saved.get("rng"))
     strategy.sync_optimizer(optimizer)
     state, dataset = setup.position, dataset_identity(setup.info)
+    best = BestEpoch.from_config(cfg.run, saved and saved.get("best"))
+    scaler = LossScaler.for_precision(cfg.train.precision, saved and saved.get("loss_scale"))
     faults = faults or Injector([], world.rank, world.size)
-    guard = StepGuard(world, strategy, cfg.run.nan_policy, cfg.run.check_every, data_path=cfg.data.path)
+    guard = StepGuard(world, strategy, cfg.run.nan_policy, cfg.run.check_every, cfg.data.path, scaler)
     log = open_log(cfg, world, setup, state)
+    steps_log = StepLog(cfg, world, strategy.objective, log, parts)
+    saving = Saving(cfg, world, strategy, optimizer, scheduler, state, dataset, best, scaler)
 
-    clock, steps_per_epoch = StepClock(cfg.run.warmup_steps), len(train_loader)
+    clock = StepClock(cfg.run.timing_skip_steps)
     last_step = cfg.train.max_steps or state.global_step + state.steps_left(cfg.train.epochs, steps_per_epoch)
     if state.global_step >= last_step:
         return already_complete(cfg, world, state, log)
-    began, history, stop_signal = time.perf_counter(), {}, None
+    began, history, stop_signal, stopped_early = time.perf_counter(), {}, None, False
     watchdog = Watchdog(world, cfg.run.watchdog_s, clock.timer)
     guard.signals.install()
-    while state.epoch < cfg.train.epochs and state.global_step < last_step and not stop_signal:
-        sums = np.zeros(3)
+    while state.epoch < cfg.train.epochs and state.global_step < last_step and not (stop_signal or stopped_early):
+        sums = np.zeros(strategy.objective.width)
         bar = Progress(
             min(steps_per_epoch - state.step_in_epoch, last_step - state.global_step),
             desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}", enabled=world.is_root and cfg.run.progress,
@@ -108,17 +158,22 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None) -> dic
                 faults.step_start(state.global_step + 1, batch)
                 clock.timer.add("data", batch.wait_s)
                 sync, scale = accumulation_window(state.step_in_epoch, steps_per_epoch, cfg.parallel.accumulate_steps)
-                result = strategy.train_step(batch, clock.timer, sync=sync, scale=scale)
-                verdict = Verdict()
+                result = strategy.train_step(batch, clock.timer, sync=sync, scale=scale * scaler.scale)
+                verdict, grad_norm, lr = Verdict(), None, optimizer.param_groups[0]["lr"]
                 if sync:  # the sync point: gradients are summed; one small Allreduce for stop requests and NaN/Inf
                     with clock.timer.phase("comm"):
                         step = state.global_step + 1
                         verdict = guard.after_sync(step, result.loss_sum, state.skipped_steps, rows=batch.indices)
                     with clock.timer.phase("optimizer"):
                         if verdict.apply:
+                            scaler.unscale(strategy.params)
+                            grad_norm = clip_or_measure(cfg, strategy, steps_log.due(state.global_step + 1))
                             optimizer.step()
+                        scheduler.step()  # the rate follows the position, a skipped step included
                         strategy.zero_grad()
-                sums += result.vector() if verdict.apply else 0.0
+                counted = result.vector(len(sums)) if verdict.apply else 0.0
+                sums += counted
+                steps_log.sums += counted
                 state.skipped_steps += 0 if verdict.apply else 1
                 state.advance()
                 faults.step_end(state.global_step, strategy.params)
@@ -126,10 +181,12 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None) -> dic
                     guard.check_replicas(state.global_step)
                 watchdog.end()
                 clock.step_done(batch.global_count)
-                bar.postfix = f"loss={sums[0] / max(sums[2], 1):.4f}"
+                if sync:
+                    steps_log.step_end(state, steps_per_epoch, lr, grad_norm)
+                bar.postfix = f"loss={sums[0] / max(sums[1], 1):.4f}"
                 bar.update(1)
                 if sync and cfg.run.checkpoint_every and state.global_step % cfg.run.checkpoint_every == 0:
-                    save_run(cfg, world, strategy, optimizer, state, dataset)
+                    saving.save()
                 stop_signal = verdict.stop_signal
                 if stop_signal or state.global_step >= last_step:
                     break
@@ -138,9 +195,20 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None) -> dic
         epoch = state.end_epoch(steps_per_epoch)
         history = epoch_record(world, strategy, val_loader, sums, epoch, state.global_step)
         log.write(event="epoch", **history)
+        steps_log.epoch(history)
+        if best.update(history) and cfg.run.keep_best:
+            saving.save_best()
+        if best.should_stop:
+            stopped_early = True
+            world.log(
+                f"hpcdl: early stop after epoch {epoch:g}: {best.metric} has not improved for {best.patience} epochs "
+                f"(best {best.best:.6g} at epoch {best.best_epoch:g})"
+            )
+            log.write(event="early_stop", epoch=epoch, metric=best.metric, best=best.best, best_epoch=best.best_epoch)
     elapsed = time.perf_counter() - began
     watchdog.close()
-    path = save_run(cfg, world, strategy, optimizer, state, dataset)
+    steps_log.events.close()
+    path = saving.save()
     guard.signals.uninstall()  # after the last checkpoint: a late stop signal still exits 75
     if stop_signal:
         world.log(
@@ -148,7 +216,33 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None) -> dic
         )
         log.write(event="stopped", signal=stop_signal, step=state.global_step, checkpoint=str(path))
         return {"stopped_by": stop_signal, "step": state.global_step, "checkpoint": str(path)}
+    if stopped_early:
+        history = {**history, "stopped_early": True, "best_epoch": best.best_epoch, f"best_{best.metric}": best.best}
     return finish(cfg, world, strategy, setup, state, clock, history, elapsed, log)
+
+
+def clip_or_measure(cfg: Config, strategy: Strategy, wanted: bool) -> float | None:
+    """Clip the gradients to train.clip_grad_norm (the norm before), or only measure the norm if `wanted`."""
+    if cfg.train.clip_grad_norm:
+        return strategy.clip_grad_norm(cfg.train.clip_grad_norm)
+    return strategy.grad_norm() if wanted else None
+
+
+def build_scheduler(cfg: Config, parts: UserParts, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Scheduler:
+    """The user's scheduler (hpcdl.fit), else train.schedule over the run's optimizer steps."""
+    if parts.scheduler:
+        return parts.scheduler(optimizer)
+    return make_scheduler(cfg.train, optimizer, optimizer_steps(cfg, steps_per_epoch))
+
+
+def restore_scheduler(scheduler: Scheduler, saved: dict[str, Any], accumulate: int) -> None:
+    """The schedule's position from a checkpoint; an older checkpoint without one: from its step count."""
+    if "scheduler" in saved:
+        scheduler.load_state_dict(saved["scheduler"])
+        return
+    steps = int(saved.get("global_step", 0)) // accumulate
+    if steps:  # the optimizer's state holds its lr already; only the position is set
+        scheduler.last_epoch = steps
 
 
 def already_complete(cfg: Config, world: World, state: RunState, log: JsonlLog) -> dict[str, Any]:
@@ -166,19 +260,61 @@ def epoch_record(
     world: World, strategy: Strategy, val_loader: Loader, sums: np.ndarray, epoch: float, step: int
 ) -> dict[str, Any]:
     """The epoch's training figures summed over ranks, and validation; printed by rank 0."""
-    loss_sum, correct, count = world.allreduce_sum(sums)
+    objective = strategy.objective
     record = {
         "epoch": epoch,
         "step": step,
-        "loss": loss_sum / max(count, 1),
-        "acc": correct / max(count, 1),
+        **objective.metrics(world.allreduce_sum(sums)),
         **evaluate(strategy, val_loader, world),
     }
-    world.log(
-        f"epoch {epoch:g}  loss={record['loss']:.4f} acc={record['acc']:.3f}  "
-        f"val_loss={record['val_loss']:.4f} val_acc={record['val_acc']:.3f}"
-    )
+    names = objective.metric_names()
+    shown = lambda group: " ".join(f"{n}={record[n]:{'.3f' if n.endswith('acc') else '.4f'}}" for n in group)  # noqa: E731
+    world.log(f"epoch {epoch:g}  {shown(names[: len(names) // 2])}  {shown(names[len(names) // 2 :])}")
     return record
+
+
+class StepLog:
+    """Step records every run.log_every optimizer steps (log_every x accumulate_steps batches): the loss and
+    metrics over those steps, lr, the gradient's norm and samples/s; metrics.csv and callbacks per epoch."""
+
+    def __init__(self, cfg: Config, world: World, objective: Objective, log: JsonlLog, parts: UserParts):
+        self.every, self.world, self.objective, self.log, self.parts = cfg.run.log_every, world, objective, log, parts
+        self.accumulate = cfg.parallel.accumulate_steps
+        self.sums = np.zeros(objective.width)
+        run_dir = Path(cfg.run.dir)
+        self.csv = CsvLog(run_dir / "metrics.csv" if world.is_root else None)
+        self.events = TensorBoardLog(run_dir / "tensorboard" if world.is_root and cfg.run.tensorboard else None)
+        self.began = time.perf_counter()
+
+    def due(self, global_step: int) -> bool:
+        """Whether the optimizer step that ends at batch `global_step` writes a record."""
+        return bool(self.every) and global_step % (self.every * self.accumulate) == 0
+
+    def step_end(self, state: RunState, steps_per_epoch: int, lr: float, grad_norm: float | None) -> None:
+        """After an optimizer step: on a logged one, one small Allreduce of the figures and a record on rank 0."""
+        if not self.due(state.global_step):
+            return
+        totals = self.world.allreduce_sum(self.sums)
+        now = time.perf_counter()
+        samples = float(totals[1])  # counted over every rank
+        record = {
+            "step": state.global_step,
+            "epoch": state.epoch + state.step_in_epoch / steps_per_epoch,
+            **self.objective.metrics(totals),
+            "lr": lr,  # the rate this step was taken with
+            "grad_norm": grad_norm,
+            "samples_per_s": samples / (now - self.began) if now > self.began else 0.0,
+        }
+        self.log.write(event="step", **record)
+        self.events.write("step", record, state.global_step)
+        self.parts.call("on_step_end", record)
+        self.sums[:], self.began = 0.0, now
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        """An epoch's record: to metrics.csv and the callbacks."""
+        self.csv.write(record)
+        self.events.write("epoch", record, record["step"])
+        self.parts.call("on_epoch_end", record)
 
 
 def open_log(cfg: Config, world: World, setup: Setup, state: RunState) -> JsonlLog:
@@ -195,25 +331,50 @@ def open_log(cfg: Config, world: World, setup: Setup, state: RunState) -> JsonlL
     return JsonlLog(run_dir / "metrics.jsonl" if world.is_root else None)
 
 
-def save_run(
-    cfg: Config, world: World, strategy: Strategy, optimizer: torch.optim.Optimizer, state: RunState,
-    dataset: dict[str, Any],
-) -> Path | None:  # fmt: skip
-    """A checkpoint of the unsplit model and optimizer, the run's position and RNG (gathered on, written by rank 0)."""
-    contents = {
-        "model": strategy.model_state(),
-        "optimizer": strategy.optimizer_state(optimizer),
-        **state.to_checkpoint(),
-        "world_size": world.size,
-        "config": cfg.to_dict(),
-        "source": cfg.source,
-        "rng": checkpoint.rng_state(),
-        "dataset": dataset,  # sizes, shape, classes: a resume from a moved file checks it is the same data
-    }
-    # Under agree: a save that fails on rank 0 (a full disk) ends every rank with its one line, none left waiting.
-    return world.agree(
-        lambda: checkpoint.save(cfg.run.dir, state.global_step, contents, cfg.run.keep) if world.is_root else None
-    )
+@dataclass
+class Saving:
+    """Checkpoints: the unsplit model, optimizer, schedule, position, best epoch, loss scale, RNG (rank 0 writes)."""
+
+    cfg: Config
+    world: World
+    strategy: Strategy
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    state: RunState
+    dataset: dict[str, Any]
+    best: BestEpoch
+    scaler: LossScaler
+
+    def contents(self) -> dict[str, Any]:
+        """What a checkpoint holds (gathered on rank 0: a collective)."""
+        return {
+            "model": self.strategy.model_state(),
+            "optimizer": self.strategy.optimizer_state(self.optimizer),
+            "scheduler": self.scheduler.state_dict(),
+            "best": self.best.to_checkpoint(),
+            "loss_scale": self.scaler.to_checkpoint(),
+            **self.state.to_checkpoint(),
+            "world_size": self.world.size,
+            "config": self.cfg.to_dict(),
+            "source": self.cfg.source,
+            "rng": checkpoint.rng_state(),
+            "dataset": self.dataset,  # sizes, shape, classes: a resume from a moved file checks it is the same data
+        }
+
+    def save(self) -> Path | None:
+        """A step-N.pt checkpoint; under agree: a save that fails on rank 0 (a full disk) ends every rank."""
+        contents, cfg = self.contents(), self.cfg
+        step = self.state.global_step
+        return self.world.agree(
+            lambda: checkpoint.save(cfg.run.dir, step, contents, cfg.run.keep) if self.world.is_root else None
+        )
+
+    def save_best(self) -> Path | None:
+        """checkpoints/best.pt: this epoch is the best so far."""
+        contents = self.contents()
+        return self.world.agree(
+            lambda: checkpoint.save_best(self.cfg.run.dir, contents) if self.world.is_root else None
+        )
 
 
 def finish(
@@ -226,7 +387,7 @@ def finish(
     summary = run_summary(
         world, clock, history, elapsed,
         global_batch=cfg.train.batch_size,
-        warmup_steps=cfg.run.warmup_steps,
+        timing_skip_steps=cfg.run.timing_skip_steps,
         params=sum(p.numel() for p in setup.model.parameters()),  # the whole model, however split
         comm_bytes_per_step=strategy.bytes_per_sync / cfg.parallel.accumulate_steps,
         param_digest=checkpoint.parameter_digest(weights),

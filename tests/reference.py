@@ -36,29 +36,48 @@ def reference_train(
     lr: float,
     momentum: float = 0.9,
     dtype: torch.dtype = torch.float32,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
+    clip_grad_norm: float = 0.0,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """SGD on the whole global batch in one process; sample order from (seed, epoch) as documented.
 
     `model_cfg` is a config hpcdl builds the model from (in `dtype`), or a user's own builder
-    (`plain_mlp`); the features are fed in `dtype`.
+    (`plain_mlp`); the features are fed in `dtype`. A regression file's float targets go to `loss_fn`
+    (default cross-entropy) with the outputs in the targets' shape; `scheduler` (torch's own) steps
+    once per step; `clip_grad_norm` clips with torch.nn.utils.clip_grad_norm_; `autocast` runs the
+    forward under torch.autocast in that dtype.
     """
     with h5py.File(path, "r") as f:
         x, y = torch.from_numpy(f["train/x"][:]).to(dtype), torch.from_numpy(f["train/y"][:])
-        classes = int(f.attrs["num_classes"])
+        regression = f.attrs.get("task", "classification") == "regression"
+        outputs = math.prod(y.shape[1:]) if regression else int(f.attrs["num_classes"])
+    y = y.float() if regression else y
     shape = tuple(x.shape[1:])
     if callable(model_cfg):
-        model = model_cfg(shape, classes, seed)
+        model = model_cfg(shape, outputs, seed)
     else:
-        model = build(model_cfg, shape, classes, seed, dtype=dtype)
+        model = build(model_cfg, shape, outputs, seed, dtype=dtype)
+    loss_fn = loss_fn or F.cross_entropy
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    schedule = scheduler(optimizer) if scheduler else None
     done, epoch = 0, 0
     while done < steps:
         order = np.random.default_rng([seed, epoch]).permutation(len(y))
         for start in range(0, len(y), batch):
             chunk = torch.from_numpy(order[start : start + batch])
             optimizer.zero_grad()
-            F.cross_entropy(model(x[chunk]), y[chunk]).backward()
+            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+                out = model(x[chunk])
+                out = out.reshape(len(chunk), *y.shape[1:]) if regression else out
+                loss = loss_fn(out, y[chunk])
+            loss.backward()
+            if clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
             optimizer.step()
+            if schedule:
+                schedule.step()
             done += 1
             if done == steps:
                 break

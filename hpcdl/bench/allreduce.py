@@ -13,10 +13,6 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
-
 from hpcdl.bench.common import median, mpiexec, provenance, provenance_line, run_worker, table, write_json
 
 # A model of about 25 M parameters, in the proportions of a small transformer's layers.
@@ -24,6 +20,10 @@ LAYER_SHAPES = [(1024, 1024)] * 12 + [(4096, 1024)] * 3 + [(1024,)] * 24
 
 
 def _worker(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+    from torch import nn
+
     from hpcdl import comm
     from hpcdl.parallel.grad_sync import GradSync
 

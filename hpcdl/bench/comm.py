@@ -23,8 +23,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from hpcdl.bench.common import launcher, provenance, provenance_line, run_worker, table, write_json
 from hpcdl.errors import ConfigError
 
@@ -39,6 +37,8 @@ def _calls(nbytes: int, most: int) -> int:
 
 def _operations(c, MPI, nbytes: int) -> dict[str, Callable[[], None]]:
     """One call of each operation on `nbytes`-byte float32 buffers of their own."""
+    import numpy as np
+
     send = np.ones(nbytes // 4, dtype=np.float32)
     recv = np.empty_like(send)
     gathered = np.empty(c.Get_size() * len(send), dtype=np.float32)
@@ -61,6 +61,8 @@ def _operations(c, MPI, nbytes: int) -> dict[str, Callable[[], None]]:
 
 
 def _worker(args: argparse.Namespace) -> None:
+    import numpy as np
+
     from hpcdl import comm
 
     world = comm.init(threads=1)

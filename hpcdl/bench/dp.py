@@ -11,10 +11,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Any
 
 from hpcdl.bench.common import (
     interleaved,
@@ -27,22 +24,29 @@ from hpcdl.bench.common import (
     table,
     write_json,
 )
-from hpcdl.models import CNN, MLP
+
+if TYPE_CHECKING:
+    import torch
 
 GLOBAL_BATCH = 256
+# name -> (build from the hpcdl.models module, sample shape); the worker imports the models (and torch).
 BENCH_MODELS = {
-    "mlp": (lambda: MLP(784, [1024, 1024], 10), (784,)),
-    "cnn": (lambda: CNN((1, 28, 28), [32, 64], 128, 10), (1, 28, 28)),
+    "mlp": (lambda models: models.MLP(784, [1024, 1024], 10), (784,)),
+    "cnn": (lambda models: models.CNN((1, 28, 28), [32, 64], 128, 10), (1, 28, 28)),
 }
 ENGINES = ("hpcdl", "hpcdl-no-overlap", "ddp", "no-exchange", "single")
 
 
 def _worker(args: argparse.Namespace) -> dict[str, Any]:
     """Time `args.steps` training steps of one engine; runs on every rank of the job."""
+    import torch
+
+    from hpcdl import models
+
     torch.set_num_threads(args.threads)
     build, shape = BENCH_MODELS[args.model]
     torch.manual_seed(0)
-    model = build()
+    model = build(models)
     x = torch.randn(GLOBAL_BATCH, *shape, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 10, (GLOBAL_BATCH,), generator=torch.Generator().manual_seed(2))
     if args.engine == "ddp":
@@ -99,6 +103,9 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def _plain_step(net: torch.nn.Module, rank: int, size: int, x: torch.Tensor, y: torch.Tensor):
     """A textbook step on this rank's share (DDP averages gradients inside backward)."""
+    import torch
+    import torch.nn.functional as F
+
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
     share = slice(rank * GLOBAL_BATCH // size, (rank + 1) * GLOBAL_BATCH // size)
 
@@ -111,6 +118,7 @@ def _plain_step(net: torch.nn.Module, rank: int, size: int, x: torch.Tensor, y: 
 
 
 def _ddp_max(value: float) -> float:
+    import torch
     import torch.distributed as dist
 
     t = torch.tensor([value])

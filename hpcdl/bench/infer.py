@@ -18,11 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from hpcdl.bench.common import (
     interleaved,
@@ -35,29 +31,40 @@ from hpcdl.bench.common import (
     table,
     write_json,
 )
-from hpcdl.models import MLP
+
+if TYPE_CHECKING:
+    from torch import nn
 
 SPLIT, WARMUP_SPLIT = "train", "val"  # the split timed, and the small one that warms every job up
 VAL_FRACTION = 0.02
 VARIANTS = ("static", "dynamic", "static-slowed", "dynamic-slowed")
 
 
-class Slowed(nn.Module):
-    """A model that sleeps after each batch as long as the batch took: the same answers at half the speed."""
+def _slowed(inner: nn.Module) -> nn.Module:
+    """`inner` wrapped to sleep after each batch as long as the batch took: the same answers at half the speed."""
+    import torch
+    from torch import nn
 
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
+    class Slowed(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The inner model's output, late."""
-        began = time.perf_counter()
-        out = self.inner(x)
-        time.sleep(time.perf_counter() - began)
-        return out
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            """The inner model's output, late."""
+            began = time.perf_counter()
+            out = self.inner(x)
+            time.sleep(time.perf_counter() - began)
+            return out
+
+    return Slowed(inner)
 
 
 def _model(opts: argparse.Namespace) -> nn.Module:
+    import torch
+
+    from hpcdl.models import MLP
+
     torch.manual_seed(0)
     return MLP(opts.features, [int(h) for h in opts.hidden.split(",")], opts.classes)
 
@@ -65,6 +72,8 @@ def _model(opts: argparse.Namespace) -> nn.Module:
 def _torch_worker(opts: argparse.Namespace) -> None:
     """The loop a user writes in one process: read the split, score it batch by batch, write class and probs."""
     import h5py
+    import numpy as np
+    import torch
 
     torch.set_num_threads(opts.threads)
     model = _model(opts).eval()
@@ -88,7 +97,7 @@ def _hpcdl_worker(opts: argparse.Namespace) -> None:
 
     world = hpcdl.init(threads=opts.threads)
     model = _model(opts)
-    slowed = Slowed(model) if world.rank == world.size - 1 else model
+    slowed = _slowed(model) if world.rank == world.size - 1 else model
     hpcdl.predict(model, opts.data, WARMUP_SPLIT, out=opts.out, batch=opts.batch)  # untimed warm-up
     variants = opts.variants.split(",")
     seconds, rows, rows_per_rank = dict.fromkeys(variants, 0.0), 0, {}

@@ -27,13 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from hpcdl.bench.common import mpiexec, provenance, provenance_line, run_worker, table, write_json
-from hpcdl.data.partition import WINDOW_BATCHES
 
 RAW_BLOCK = 4 << 20  # bytes per plain read of the limit
-GROUP_STEPS = WINDOW_BATCHES  # steps per group for the spread: one `block` shuffle window
 PARTITIONS, MODES = ("block", "global"), ("streamed", "cached")
 
 
@@ -58,6 +54,9 @@ def _stats(step_s: list[float], samples: list[int], row_bytes: int) -> dict[str,
     steps served from a span read earlier); the spread is the standard deviation of the
     rate over groups of GROUP_STEPS steps, which each include their span reads.
     """
+    # Steps per group for the spread: one `block` shuffle window (imported here: hpcdl.data.partition needs numpy).
+    from hpcdl.data.partition import WINDOW_BATCHES as GROUP_STEPS
+
     kept_s, kept_n = (step_s[1:-1], samples[1:-1]) if len(step_s) > 2 else (step_s, samples)
     rate = sum(kept_n) / max(sum(kept_s), 1e-12)
     groups = [
@@ -76,6 +75,7 @@ def _stats(step_s: list[float], samples: list[int], row_bytes: int) -> dict[str,
 def _time_loader(world, path: str, partition: str, mode: str, batch: int, max_steps: int) -> dict[str, Any]:
     """One variant: every rank iterates its batches (no prefetch: the read itself is timed)."""
     import h5py
+    import numpy as np
 
     from hpcdl.data.loader import Loader, SplitReader
     from hpcdl.data.partition import Partition
@@ -112,6 +112,8 @@ def _time_loader(world, path: str, partition: str, mode: str, batch: int, max_st
 
 def _time_raw(world, path: str, total_bytes: int) -> float:
     """Aggregate MB/s of every rank reading its share of `total_bytes` of the file, sequentially and at once."""
+    import numpy as np
+
     size = os.path.getsize(path)
     share = min(total_bytes, size) // world.size
     start = world.rank * share

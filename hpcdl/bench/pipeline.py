@@ -17,12 +17,7 @@ import json
 import resource
 import sys
 import time
-from typing import Any
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from hpcdl.bench.common import (
     interleaved,
@@ -35,19 +30,26 @@ from hpcdl.bench.common import (
     table,
     write_json,
 )
-from hpcdl.config import ModelConfig
-from hpcdl.models import build
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 ENGINES = ("hpcdl-gpipe", "hpcdl-1f1b", "torch-gpipe", "torch-1f1b", "single")
 
 
 def _model(opts: argparse.Namespace, device: str = "cpu") -> nn.Sequential:
     """The deep MLP: `opts.layers` x Linear(width, width), ReLUs between; shapes only on `device="meta"`."""
+    from hpcdl.config import ModelConfig
+    from hpcdl.models import build
+
     hidden = [opts.width] * (opts.layers - 1)
     return build(ModelConfig(name="mlp", hidden=hidden), (opts.width,), opts.width, seed=0, device=device)
 
 
 def _data(opts: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     g = torch.Generator().manual_seed(1)
     return torch.randn(opts.batch, opts.width, generator=g), torch.randint(0, opts.width, (opts.batch,), generator=g)
 
@@ -69,6 +71,8 @@ def _timed(step, opts: argparse.Namespace) -> float:
 
 def _hpcdl_worker(opts: argparse.Namespace) -> dict[str, Any] | None:
     """hpcdl's Pipeline: one stage per MPI rank; the whole batch is one replica's."""
+    import torch
+
     from hpcdl import comm
     from hpcdl.data.loader import Batch
     from hpcdl.metrics import PhaseTimer
@@ -109,7 +113,10 @@ def _hpcdl_worker(opts: argparse.Namespace) -> dict[str, Any] | None:
 
 def _torch_worker(opts: argparse.Namespace) -> dict[str, Any] | None:
     """torch.distributed.pipelining with manually built stages (the same cut), gloo, launched by torchrun."""
+    import torch
     import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch import nn
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     from hpcdl.comm import World
@@ -152,6 +159,9 @@ def _torch_worker(opts: argparse.Namespace) -> dict[str, Any] | None:
 
 def _single_worker(opts: argparse.Namespace) -> dict[str, Any]:
     """The unsplit model in one process, one step on the whole batch."""
+    import torch
+    import torch.nn.functional as F
+
     torch.set_num_threads(opts.threads)
     model = _model(opts)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -168,6 +178,8 @@ def _single_worker(opts: argparse.Namespace) -> dict[str, Any]:
 
 def _idle_split(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over runs of the bubble (the least idle stage's idle share), the imbalance, and each stage's idle."""
+    import numpy as np
+
     idle = np.array([r["idle_per_stage"] for r in runs])
     return {
         "bubble": round(median(list(idle.min(axis=1))), 4),

@@ -55,6 +55,8 @@ def _make(args: argparse.Namespace) -> int:
     storage = dict(seed=args.seed, chunk_rows=args.chunk_rows, compression=args.compression, checksum=args.checksum)
     if args.kind == "digits":
         info = make.make_digits(args.out, **storage)
+    elif args.kind == "diabetes":
+        info = make.make_diabetes(args.out, **storage)
     elif args.kind == "mnist":
         info = make.make_mnist(args.out, **storage)
     else:
@@ -82,6 +84,7 @@ def _convert(args: argparse.Namespace) -> int:
         val_y=args.val_y,
         val_fraction=args.val_fraction,
         label_column=args.label_column,
+        task=args.task,
         classes=args.classes,
         feature_shape=tuple(args.feature_shape) if args.feature_shape else None,
         seed=args.seed,
@@ -114,9 +117,18 @@ def _add_convert(actions: argparse._SubParsersAction) -> None:
         "every row; the output appears only if everything succeeded.",
     )
     convert.add_argument("--x", required=True, metavar="X", help="features: F.npy, F.npz[:NAME] (default x), or F.csv")
-    convert.add_argument("--y", metavar="Y", help="labels: L.npy or F.npz[:NAME] (default F.npz:y); not for CSV")
     convert.add_argument(
-        "--label-column", help="CSV label column: header name or 0-based index (default: 'label', else last)"
+        "--y", metavar="Y", help="labels or targets: L.npy or F.npz[:NAME] (default F.npz:y); not for CSV"
+    )
+    convert.add_argument(
+        "--label-column",
+        help="CSV label column: header name or 0-based index (default: 'label', else last); "
+        "with --task regression, several target columns separated by commas (e.g. 3,4)",
+    )
+    convert.add_argument(
+        "--task",
+        default="classification",
+        help="classification (default): integer class labels; regression: float targets of any per-sample shape",
     )
     split = convert.add_mutually_exclusive_group()
     split.add_argument(
@@ -124,7 +136,9 @@ def _add_convert(actions: argparse._SubParsersAction) -> None:
     )
     split.add_argument("--val-x", metavar="VX", help="validation features (same formats as --x)")
     convert.add_argument("--val-y", metavar="VY", help="validation labels (with --val-x)")
-    convert.add_argument("--classes", type=int, help="number of classes (default: largest label + 1)")
+    convert.add_argument(
+        "--classes", type=int, help="number of classes (default: largest label + 1); classification only"
+    )
     convert.add_argument(
         "--feature-shape", type=_shape, help="reshape each sample, e.g. 1,28,28 for flat 784-column rows"
     )
@@ -145,12 +159,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = data.add_subparsers(dest="data_command", required=True, metavar="{make,convert,info}")
 
     make = actions.add_parser("make", help="build a dataset file (see datasets/README.md)")
-    kinds = make.add_subparsers(dest="kind", required=True, metavar="{digits,mnist,synthetic,images,sequences}")
+    kinds = make.add_subparsers(
+        dest="kind", required=True, metavar="{digits,diabetes,mnist,synthetic,images,sequences}"
+    )
     storage = _storage_options()
     kinds.add_parser(
         "digits",
         parents=[storage],
         help="scikit-learn's 8x8 digits: 1,497 train / 300 val",
+    )
+    kinds.add_parser(
+        "diabetes",
+        parents=[storage],
+        help="scikit-learn's diabetes regression, 10 features, standardized target: 354 train / 88 val",
     )
     kinds.add_parser(
         "mnist",

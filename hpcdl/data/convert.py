@@ -1,9 +1,10 @@
 """`hpcdl data convert`: a user's own arrays (.npy, .npz, CSV) into the hpcdl HDF5 schema.
 
 Sources are read row block by row block (never whole), validated as they go
-(numeric dtype, equal lengths, integral labels in 0..C-1, no NaN/Inf, no ragged
-CSV rows) and handed to the one shared writer in `make.py`, which writes a
-temporary file and renames it into place only when everything succeeded. Errors
+(numeric dtype, equal lengths, integral labels in 0..C-1 or, for regression,
+finite float targets of any per-sample shape, no NaN/Inf, no ragged CSV rows)
+and handed to the one shared writer in `make.py`, which writes a temporary
+file and renames it into place only when everything succeeded. Errors
 name the file and the offending row (and, for CSV, its line).
 """
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpcdl.data.make import BLOCK_BYTES, _check_args, _split_sizes, _write
-from hpcdl.data.schema import DatasetInfo
+from hpcdl.data.schema import TASKS, DatasetInfo
 from hpcdl.errors import DataError
 
 Block = tuple[np.ndarray, np.ndarray]  # (features, labels) of consecutive rows
@@ -110,7 +111,7 @@ class ArrayRows:
 
 
 class CsvRows:
-    """A CSV file of numbers, one sample per line: the label column and the feature columns."""
+    """A CSV file of numbers, one sample per line: the label column(s) and the feature columns."""
 
     def __init__(self, path: str, label_column: str | None):
         _check_readable(path)
@@ -118,10 +119,12 @@ class CsvRows:
         first = self._first_row()
         self.header = not all(_is_number(field) for field in first)
         self.columns = len(first)
-        self.label_index = self._label_index(first, label_column)
-        if self.columns < 2:
+        self.label_indices = self._label_indices(first, label_column)
+        if self.columns <= len(self.label_indices):
             raise DataError(f"{path}: line 1 has {self.columns} column(s); need a label column and features")
-        self.shape = (None, self.columns - 1)
+        self.shape = (None, self.columns - len(self.label_indices))
+        # One label column gives scalar targets (regression), several a vector of them.
+        self.target_shape = () if len(self.label_indices) == 1 else (len(self.label_indices),)
         self.rows = sum(1 for _ in self._rows())
 
     def _first_row(self) -> list[str]:
@@ -129,9 +132,16 @@ class CsvRows:
             return row
         raise DataError(f"{self.path}: is empty")
 
-    def _label_index(self, first: list[str], label_column: str | None) -> int:
+    def _label_indices(self, first: list[str], label_column: str | None) -> list[int]:
+        """The label columns' indices: 'label', else the last; or those named, separated by commas."""
         if label_column is None:
-            return first.index("label") if self.header and "label" in first else self.columns - 1
+            return [first.index("label") if self.header and "label" in first else self.columns - 1]
+        indices = [self._label_index(first, name) for name in label_column.split(",")]
+        if len(set(indices)) != len(indices):
+            raise DataError(f"{self.path}: label columns {label_column!r} name a column twice; name each once")
+        return indices
+
+    def _label_index(self, first: list[str], label_column: str) -> int:
         if label_column.lstrip("-").isdigit():
             index = int(label_column)
             if not -self.columns <= index < self.columns:
@@ -186,8 +196,8 @@ class CsvRows:
                 if bad is not None:
                     raise DataError(f"{self.path}: row {row} (line {line}) has a non-numeric value {bad!r}") from None
             raise
-        labels = table[:, self.label_index]
-        return np.delete(table, self.label_index, axis=1), labels
+        labels = table[:, self.label_indices].reshape(len(table), *self.target_shape)
+        return np.delete(table, self.label_indices, axis=1), labels
 
     def line_of(self, row: int) -> str:
         """' (line L)' for a sample row, to name it as an editor would."""
@@ -222,6 +232,11 @@ class Source:
         """Shape of one sample as stored in the source."""
         return tuple(int(d) for d in self.x.shape[1:])
 
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's label or target as stored in the source."""
+        return self.x.target_shape if self.y is None else tuple(int(d) for d in self.y.shape[1:])
+
     def name_row(self, row: int, labels: bool = False) -> str:
         """'FILE: row R' (with the CSV line), naming where sample `row` (or its label) came from."""
         if isinstance(self.x, CsvRows):
@@ -239,13 +254,21 @@ class Source:
             yield start, (self.x.read(rows_per_block), self.y.read(rows_per_block))
 
 
-def open_source(x_spec: str, y_spec: str | None, label_column: str | None = None) -> Source:
-    """The (features, labels) source named on the command line, checked for matching lengths."""
+def open_source(
+    x_spec: str, y_spec: str | None, label_column: str | None = None, task: str = "classification"
+) -> Source:
+    """The (features, labels or targets) source named on the command line, checked for matching lengths."""
     x_path, x_name = _split_spec(x_spec)
     if x_path.endswith(".csv"):
         if y_spec is not None:
             raise DataError(f"{x_path}: a CSV holds its own labels; name their column with --label-column, not --y")
-        return Source(CsvRows(x_path, label_column or x_name), None)
+        rows = CsvRows(x_path, label_column or x_name)
+        if task == "classification" and len(rows.label_indices) > 1:
+            raise DataError(
+                f"{x_path}: {len(rows.label_indices)} label columns given; classification takes one "
+                "(several targets need --task regression)"
+            )
+        return Source(rows, None)
     if not x_path.endswith((".npy", ".npz")):
         raise DataError(f"{x_path}: unknown format; give a .npy, a .npz (FILE.npz:NAME) or a .csv file")
     if y_spec is None:
@@ -259,7 +282,7 @@ def open_source(x_spec: str, y_spec: str | None, label_column: str | None = None
     x, y = ArrayRows(x_path, x_name, "x"), ArrayRows(y_path, y_name, "y")
     if len(x.shape) < 2:
         raise DataError(f"{x.label}: has shape {x.shape}; features need one row per sample, shape (n, features...)")
-    if len(y.shape) != 1 and not (len(y.shape) == 2 and y.shape[1] == 1):
+    if task == "classification" and len(y.shape) != 1 and not (len(y.shape) == 2 and y.shape[1] == 1):
         raise DataError(f"{y.label}: has shape {y.shape}; labels need one class index per sample, shape (n,)")
     if x.rows != y.rows:
         raise DataError(f"{x.label} has {x.rows} rows but {y.label} has {y.rows}; need one label per sample")
@@ -285,16 +308,19 @@ def _labels(source: Source, block: np.ndarray, start: int, classes: int | None) 
     return labels
 
 
-def _features(source: Source, block: np.ndarray, start: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Features as float32 in `shape`; the first NaN or Inf (also after the float32 cast) is an error."""
+def _float32_rows(
+    source: Source, block: np.ndarray, start: int, shape: tuple[int, ...], targets: bool = False
+) -> np.ndarray:
+    """Features or regression targets as float32 in `shape`; the first NaN or Inf (even after the cast) is an error."""
     with np.errstate(over="ignore", invalid="ignore"):
-        x = block.astype(np.float32).reshape(len(block), *shape)
-    finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
+        rows = block.astype(np.float32).reshape(len(block), *shape)
+    finite = np.isfinite(rows).reshape(len(rows), -1).all(axis=1)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
-        kind = "NaN" if np.isnan(x[row]).any() else "Inf (or a value beyond float32's range)"
-        raise DataError(f"{source.name_row(start + row)}: features hold {kind}; fix or drop that sample")
-    return x
+        kind = "NaN" if np.isnan(rows[row]).any() else "Inf (or a value beyond float32's range)"
+        what = "targets" if targets else "features"
+        raise DataError(f"{source.name_row(start + row, labels=targets)}: {what} hold {kind}; fix or drop that sample")
+    return rows
 
 
 def _scan_labels(source: Source, rows_per_block: int) -> int:
@@ -308,7 +334,7 @@ def _scan_labels(source: Source, rows_per_block: int) -> int:
 
 
 def _rows_per_block(source: Source) -> int:
-    return max(1, BLOCK_BYTES // (8 * max(1, math.prod(source.row_shape))))
+    return max(1, BLOCK_BYTES // (8 * (math.prod(source.row_shape) + math.prod(source.target_shape))))
 
 
 def convert(
@@ -320,6 +346,7 @@ def convert(
     val_y: str | None = None,
     val_fraction: float = 0.1,
     label_column: str | None = None,
+    task: str = "classification",
     classes: int | None = None,
     feature_shape: tuple[int, ...] | None = None,
     seed: int = 0,
@@ -328,12 +355,19 @@ def convert(
     checksum: bool = False,
     progress: bool = True,
 ) -> DatasetInfo:
-    """Write the user's arrays as an hpcdl dataset (atomically); a seeded random `val_fraction` goes to /val."""
+    """Write the user's arrays as an hpcdl dataset (atomically); a seeded random `val_fraction` goes to /val.
+
+    `task` "classification" takes integer class labels; "regression" float targets of any per-sample shape.
+    """
     _check_args(seed)
+    if task not in TASKS:
+        raise DataError(f"--task must be classification or regression, got {task!r}")
+    if task == "regression" and classes is not None:
+        raise DataError("--classes is for classification; leave it out with --task regression")
     if val_y is not None and val_x is None:
         raise DataError("--val-y needs --val-x: give the validation features too")
-    train = open_source(x, y, label_column)
-    val = open_source(val_x, val_y, label_column) if val_x else None
+    train = open_source(x, y, label_column, task)
+    val = open_source(val_x, val_y, label_column, task) if val_x else None
     sources = [s for s in (train, val) if s is not None]
     shape = feature_shape or train.row_shape
     for source in sources:
@@ -342,14 +376,27 @@ def convert(
                 f"{source.name_row(0)}: samples of shape {source.row_shape} do not fit feature shape {tuple(shape)}"
             )
     blocks = {id(s): _rows_per_block(s) for s in sources}
-    high = max(_scan_labels(s, blocks[id(s)]) for s in sources)
-    classes = classes if classes is not None else high + 1
-    if classes < 2:
-        raise DataError(f"{train.name_row(0)}: labels span {classes} class(es); need at least 2 (or set --classes)")
+    if task == "classification":
+        target_shape = None
+        high = max(_scan_labels(s, blocks[id(s)]) for s in sources)
+        classes = classes if classes is not None else high + 1
+        if classes < 2:
+            raise DataError(f"{train.name_row(0)}: labels span {classes} class(es); need at least 2 (or set --classes)")
+    else:
+        target_shape = train.target_shape
+        if val is not None and val.target_shape != target_shape:
+            raise DataError(
+                f"{val.name_row(0, labels=True)}: targets of shape {val.target_shape} do not match the training "
+                f"targets' {target_shape}; give both splits the same target shape"
+            )
 
     def rows(source: Source, keep: np.ndarray | None = None) -> Iterator[Block]:
         for start, (xb, yb) in source.blocks(blocks[id(source)]):
-            xb, yb = _features(source, xb, start, shape), _labels(source, yb, start, classes)
+            xb = _float32_rows(source, xb, start, shape)
+            if target_shape is None:
+                yb = _labels(source, yb, start, classes)
+            else:
+                yb = _float32_rows(source, yb, start, target_shape, targets=True)
             if keep is not None:
                 pick = keep[start : start + len(xb)]
                 xb, yb = xb[pick], yb[pick]
@@ -373,7 +420,8 @@ def convert(
         stream,
         sizes=sizes,
         feature_shape=tuple(shape),
-        num_classes=classes,
+        num_classes=classes or 0,  # None for regression, which has no classes
+        target_shape=target_shape,
         attrs={"generator": "convert", "seed": seed, "description": description},
         chunk_rows=chunk_rows,
         compression=compression,

@@ -18,7 +18,7 @@ from hpcdl.errors import DataError
 
 # HDF5's per-dataset chunk cache: large enough that random reads reuse decompressed chunks.
 CHUNK_CACHE_BYTES = 64 << 20
-# A streaming reader keeps all labels of its rows in memory up to this size (8 bytes a row).
+# A streaming reader keeps all labels (or regression targets) of its rows in memory up to this size.
 LABEL_CACHE_BYTES = 64 << 20
 # A streamed batch is read as one sequential span (kept for the next batches) when the span
 # is at most SPAN_DENSITY times its rows and at most SPAN_BYTES: a `block` window, a val pass.
@@ -30,7 +30,7 @@ class Batch:
     """One rank's share of one global batch."""
 
     x: torch.Tensor
-    y: torch.Tensor
+    y: torch.Tensor  # int64 class labels (n,), or float32 regression targets (n, *target_shape)
     global_count: int
     wait_s: float = 0.0  # time the training step waited for this batch
     indices: np.ndarray | None = None  # the split's rows it holds, in order (None for a batch built by hand)
@@ -78,8 +78,10 @@ class SplitReader:
         self.columns = columns
         self.sample_shape = (columns[1] - columns[0],) if columns else tuple(self.x.shape[1:])
         self._cols = (slice(*columns),) if columns else ()
+        self.target_shape = tuple(self.y.shape[1:])  # () for class labels and scalar regression targets
         start, stop = owned
-        row_bytes = self.x.dtype.itemsize * int(np.prod(self.sample_shape)) + self.y.dtype.itemsize
+        label_bytes = self.y.dtype.itemsize * int(np.prod(self.target_shape))
+        row_bytes = self.x.dtype.itemsize * int(np.prod(self.sample_shape)) + label_bytes
         self.cache_start = start
         self.cached = (stop - start) * row_bytes <= cache_bytes
         self.row_bytes = row_bytes
@@ -90,7 +92,7 @@ class SplitReader:
         if self.cached:
             self.x_cache, self.y_cache = self._read_range(start, stop)
         else:
-            if (stop - start) * self.y.dtype.itemsize <= LABEL_CACHE_BYTES:
+            if (stop - start) * label_bytes <= LABEL_CACHE_BYTES:
                 self.labels = self._read_range(start, stop, labels_only=True)
             if direct:
                 self.direct = DirectRows.open(path, self.x, columns)
@@ -116,7 +118,8 @@ class SplitReader:
             local = indices - self.cache_start
             return self.x_cache[local], self.y_cache[local]
         if len(indices) == 0:
-            return np.empty((0, *self.sample_shape), dtype=self.x.dtype), np.empty(0, dtype=self.y.dtype)
+            empty_y = np.empty((0, *self.target_shape), dtype=self.y.dtype)
+            return np.empty((0, *self.sample_shape), dtype=self.x.dtype), empty_y
         order = np.argsort(indices, kind="stable")
         sorted_indices = indices[order]
         if self._in_span(sorted_indices):
@@ -160,7 +163,7 @@ class SplitReader:
         if self.labels is not None:
             return self.labels[indices - self.cache_start]
         order = np.argsort(indices, kind="stable")
-        labels = np.empty(len(indices), dtype=self.y.dtype)
+        labels = np.empty((len(indices), *self.target_shape), dtype=self.y.dtype)
         try:
             labels[order] = self.y[indices[order]]  # h5py reads increasing indices in one call
         except OSError as exc:
@@ -189,7 +192,10 @@ class Loader:
         features = torch.from_numpy(x)
         if self.dtype is not None and features.dtype != self.dtype:
             features = features.to(self.dtype)
-        return Batch(features, torch.from_numpy(y), plan.global_count, indices=plan.local)
+        targets = torch.from_numpy(y)
+        if targets.is_floating_point() and targets.dtype != torch.float32:  # float64 regression targets in the file
+            targets = targets.float()
+        return Batch(features, targets, plan.global_count, indices=plan.local)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Batches of `epoch` from `start_step` on; `wait_s` says how long each one was waited for."""

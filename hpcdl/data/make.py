@@ -1,4 +1,4 @@
-"""Dataset builders: scikit-learn's digits and learnable synthetic vectors, images and sequences.
+"""Dataset builders: scikit-learn's digits and diabetes, MNIST, and learnable synthetic vectors, images, sequences.
 
 Every builder streams rows through one writer (`_write`) that creates chunked
 datasets in a temporary file beside the output, validates it, and renames it
@@ -15,6 +15,7 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import h5py
 import numpy as np
@@ -28,6 +29,7 @@ BLOCK_BYTES = 16 << 20  # generation block: bounds memory whatever the number of
 MAX_BLOCK_ROWS = 1 << 16
 COMPRESSIONS = (None, "gzip", "lzf")
 TEACHER_HIDDEN = 64
+DIABETES_VAL = 88  # of scikit-learn's 442 diabetes patients: a fifth for /val
 # Hard enough that a linear model stays well below a CNN (and an LSTM), easy enough to learn in minutes.
 IMAGE_SHIFT, IMAGE_NOISE = 4, 1.0  # pixels of random shift either way (wrapping); noise std (peak is 1)
 SEQUENCE_JITTER, SEQUENCE_NOISE = 1.0, 1.0  # phase jitter std (radians); noise std (amplitudes 0.5-1)
@@ -108,14 +110,18 @@ def _write(
     *,
     sizes: dict[str, int],
     feature_shape: tuple[int, ...],
-    num_classes: int,
+    num_classes: int = 0,
+    target_shape: tuple[int, ...] | None = None,
     attrs: dict,
     chunk_rows: int | None = None,
     compression: str | None = None,
     checksum: bool = False,
     progress: bool = True,
 ) -> DatasetInfo:
-    """Write consecutive (x, y) row blocks into the splits in order (train first), atomically."""
+    """Write consecutive (x, y) row blocks into the splits in order (train first), atomically.
+
+    y is int64 labels below `num_classes`, or, given a `target_shape`, float32 regression targets of that shape.
+    """
     if compression not in COMPRESSIONS:
         raise DataError(f"compression must be one of gzip, lzf or none, got {compression!r}")
     if chunk_rows is not None and chunk_rows < 1:
@@ -130,7 +136,12 @@ def _write(
         out.parent.mkdir(parents=True, exist_ok=True)
         with h5py.File(tmp, "w") as file, Progress(total, f"writing {out.name}", "rows", progress) as bar:
             file.attrs.update({key: value for key, value in attrs.items() if value is not None})
-            file.attrs["num_classes"] = num_classes
+            if target_shape is None:  # classification: the files it always wrote, with no task attribute
+                file.attrs["num_classes"] = num_classes
+                y_shape, y_dtype = (), "int64"
+            else:
+                file.attrs["task"] = "regression"
+                y_shape, y_dtype = target_shape, "float32"
             file.attrs["feature_shape"] = np.array(feature_shape, dtype=np.int64)
             targets = []  # (first global row, split size, x, y)
             first = 0
@@ -138,7 +149,7 @@ def _write(
                 # x and y share chunk rows: a read of some rows touches matching chunks of both.
                 rows = min(rows_per_chunk, size)
                 x = _create(file, f"{split}/x", (size, *feature_shape), "float32", rows, compression, checksum)
-                y = _create(file, f"{split}/y", (size,), "int64", rows, compression, checksum)
+                y = _create(file, f"{split}/y", (size, *y_shape), y_dtype, rows, compression, checksum)
                 targets.append((first, size, x, y))
                 first += size
             written = 0
@@ -162,6 +173,15 @@ def _write(
     return dataclasses.replace(info, path=str(out))
 
 
+def _sklearn_datasets(kind: str) -> ModuleType:
+    """scikit-learn's bundled datasets (no download), or a DataError saying how to install it."""
+    try:
+        from sklearn import datasets
+    except ImportError:
+        raise DataError(f"make {kind} needs scikit-learn: pip install scikit-learn (or hpcdl[datasets])") from None
+    return datasets
+
+
 def make_digits(
     out: str | os.PathLike,
     seed: int = 0,
@@ -172,11 +192,7 @@ def make_digits(
 ) -> DatasetInfo:
     """scikit-learn's 8x8 handwritten digits (1,797 samples), pixels in [0, 1], 1,497 train / 300 val."""
     _check_args(seed)
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise DataError("make digits needs scikit-learn: pip install scikit-learn (or hpcdl[datasets])") from None
-    digits = load_digits()  # shipped inside scikit-learn: no download
+    digits = _sklearn_datasets("digits").load_digits()  # shipped inside scikit-learn: no download
     order = np.random.default_rng(seed).permutation(len(digits.target))
     x = (digits.data[order] / 16.0).astype(np.float32)
     y = digits.target[order].astype(np.int64)
@@ -187,6 +203,45 @@ def make_digits(
         feature_shape=(64,),
         num_classes=10,
         attrs={"generator": "digits", "seed": seed, "description": "scikit-learn 8x8 digits, pixels / 16"},
+        chunk_rows=chunk_rows,
+        compression=compression,
+        checksum=checksum,
+        progress=False,
+    )
+
+
+def make_diabetes(
+    out: str | os.PathLike,
+    seed: int = 0,
+    *,
+    chunk_rows: int | None = None,
+    compression: str | None = None,
+    checksum: bool = False,
+) -> DatasetInfo:
+    """scikit-learn's diabetes regression (442 patients, 10 features), target standardized, 354 train / 88 val."""
+    _check_args(seed)
+    diabetes = _sklearn_datasets("diabetes").load_diabetes()  # shipped inside scikit-learn: no download
+    order = np.random.default_rng(seed).permutation(len(diabetes.target))
+    x = diabetes.data[order].astype(np.float32)  # already centred and scaled by scikit-learn
+    target = diabetes.target[order]
+    n_train = len(target) - DIABETES_VAL
+    # Standardized with the train split's mean and std only: /val stays unseen. The attributes map
+    # predictions back to disease progression units: prediction * target_std + target_mean.
+    mean, std = float(target[:n_train].mean()), float(target[:n_train].std())
+    y = ((target - mean) / std).astype(np.float32)
+    return _write(
+        out,
+        iter([(x, y)]),
+        sizes={"train": n_train, "val": DIABETES_VAL},
+        feature_shape=(diabetes.data.shape[1],),
+        target_shape=(),
+        attrs={
+            "generator": "diabetes",
+            "seed": seed,
+            "description": "scikit-learn diabetes: disease progression after one year, standardized (target_mean/std)",
+            "target_mean": mean,
+            "target_std": std,
+        },
         chunk_rows=chunk_rows,
         compression=compression,
         checksum=checksum,

@@ -1,9 +1,11 @@
 """The HDF5 dataset schema, its validation, and a human-readable description.
 
 A dataset file holds one group per split (`/train`, `/val`), each with
-`x` (float32, shape (n, *feature_shape)) and `y` (int64, shape (n,)), chunked
-along rows, and file attributes `num_classes`, `feature_shape`, `generator`,
-`seed` (and optionally `description`). See datasets/README.md.
+`x` (float32, shape (n, *feature_shape)) and `y`, chunked along rows, and file
+attributes `feature_shape`, `generator`, `seed` (and optionally `description`).
+The optional attribute `task` says what `y` is: "classification" (the default)
+has int64 class indices, shape (n,), below the attribute `num_classes`;
+"regression" has float targets, shape (n, *target_shape). See datasets/README.md.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ import numpy as np
 from hpcdl.errors import DataError
 
 SPLITS = ("train", "val")
-REQUIRED_ATTRS = ("num_classes", "feature_shape", "generator", "seed")
+TASKS = ("classification", "regression")
+REQUIRED_ATTRS = {
+    "classification": ("num_classes", "feature_shape", "generator", "seed"),
+    "regression": ("feature_shape", "generator", "seed"),
+}
+TARGET_DTYPES = (np.float32, np.float64)  # float32 expected; float64 accepted, the loader gives float32
 README = "see datasets/README.md"
 # Reads during validation stay below these sizes, whatever the size of the file.
 LABEL_READ_BYTES = 8 << 20
@@ -33,15 +40,55 @@ LISTED_CLASSES = 10
 
 
 @dataclass(frozen=True)
+class TargetStats:
+    """Mean, standard deviation, minimum and maximum over every element of a split's regression targets."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0  # sum of squared deviations from the mean
+    low: float = math.inf
+    high: float = -math.inf
+
+    def add(self, block: np.ndarray) -> TargetStats:
+        """These statistics with a block of targets added (Chan et al.'s merge: no precision lost to large sums)."""
+        values = block.astype(np.float64).reshape(-1)
+        if not len(values):
+            return self
+        count = self.count + len(values)
+        mean = float(values.mean())
+        delta = mean - self.mean
+        return TargetStats(
+            count,
+            self.mean + delta * len(values) / count,
+            self.m2 + float(((values - mean) ** 2).sum()) + delta**2 * self.count * len(values) / count,
+            min(self.low, float(values.min())),
+            max(self.high, float(values.max())),
+        )
+
+    @property
+    def std(self) -> float:
+        """Population standard deviation."""
+        return math.sqrt(self.m2 / self.count) if self.count else math.nan
+
+
+@dataclass(frozen=True)
 class DatasetInfo:
-    """What a valid dataset file holds: its classes, per-sample shape, split sizes and attributes."""
+    """What a valid dataset file holds: its task, classes or target shape, per-sample shape, split sizes, attributes."""
 
     path: str
-    num_classes: int
+    num_classes: int  # 0 for regression: it has no classes
     feature_shape: tuple[int, ...]
     sizes: dict[str, int]
     attrs: dict
     warnings: tuple[str, ...] = ()  # what is valid but likely a mistake (e.g. classes no label uses), said at start
+    task: str = "classification"
+    target_shape: tuple[int, ...] = ()  # one sample's target (regression); () for classification and scalar targets
+    target_stats: TargetStats | None = None  # the train targets' (regression, when /train was validated)
+
+    @property
+    def outputs(self) -> int:
+        """How many outputs the model needs: one per class, or one per target element."""
+        return self.num_classes if self.task == "classification" else math.prod(self.target_shape)
 
 
 def plain(value: Any) -> Any:
@@ -86,14 +133,30 @@ def _open(path: str) -> h5py.File:
         raise DataError(f"{path}: cannot open the HDF5 file ({exc}); check it is complete and readable") from None
 
 
-def _check_attrs(path: str, file: h5py.File) -> tuple[int, tuple[int, ...], dict]:
+def _check_task(path: str, attrs: dict) -> str:
+    """The file's task: its `task` attribute, "classification" when there is none."""
+    task = attrs.get("task", "classification")
+    if task not in TASKS:
+        raise DataError(
+            f"{path}: attribute task must be 'classification' or 'regression', found {task!r}; "
+            "leave it out for classification"
+        )
+    return task
+
+
+def _check_attrs(path: str, file: h5py.File) -> tuple[str, int, tuple[int, ...], dict]:
+    """(task, num_classes (0 for regression), feature_shape, every attribute as a plain value)."""
     attrs = {key: plain(file.attrs[key]) for key in file.attrs}
-    missing = [key for key in REQUIRED_ATTRS if key not in attrs]
+    task = _check_task(path, attrs)
+    required = REQUIRED_ATTRS[task]
+    missing = [key for key in required if key not in attrs]
     if missing:
         names = ", ".join(f"'{key}'" for key in missing)
-        raise DataError(f"{path}: missing file attribute {names} (expected {', '.join(REQUIRED_ATTRS)}; {README})")
-    num_classes = attrs["num_classes"]
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise DataError(f"{path}: missing file attribute {names} (expected {', '.join(required)}; {README})")
+    num_classes = attrs["num_classes"] if task == "classification" else 0  # regression ignores the attribute
+    if task == "classification" and (
+        not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2
+    ):
         raise DataError(f"{path}: attribute num_classes must be an integer >= 2, found {num_classes!r}")
     shape = attrs["feature_shape"]
     shape = [shape] if isinstance(shape, int) else shape
@@ -111,7 +174,7 @@ def _check_attrs(path: str, file: h5py.File) -> tuple[int, tuple[int, ...], dict
         raise DataError(f"{path}: attribute seed must be an integer, found {attrs['seed']!r}")
     if not isinstance(attrs["generator"], str):
         raise DataError(f"{path}: attribute generator must be a string, found {attrs['generator']!r}")
-    return num_classes, tuple(shape), attrs
+    return task, num_classes, tuple(shape), attrs
 
 
 def _datasets(path: str, file: h5py.File, splits: tuple[str, ...]) -> dict[str, h5py.Dataset]:
@@ -172,19 +235,33 @@ def _check_external_storage(path: str, dataset: h5py.Dataset) -> None:
             )
 
 
-def _check_split(path: str, x: h5py.Dataset, y: h5py.Dataset, feature_shape: tuple[int, ...]) -> int:
+def _check_y(path: str, y: h5py.Dataset, task: str) -> None:
+    """y's dtype and rank fit the task: int64 labels of shape (n,), or float targets of shape (n, *target_shape)."""
+    if task == "classification":
+        if y.dtype != np.int64:
+            raise DataError(f"{path}: '{y.name}' has dtype {y.dtype}; y must be int64 (store y.astype('int64'))")
+        if y.ndim != 1:
+            raise DataError(f"{path}: '{y.name}' has shape {y.shape}; y must be one label per sample, shape (n,)")
+    else:
+        if y.dtype not in TARGET_DTYPES:
+            raise DataError(
+                f"{path}: '{y.name}' has dtype {y.dtype}; regression targets must be float32 "
+                "(store y.astype('float32'))"
+            )
+        if y.ndim == 0:
+            raise DataError(f"{path}: '{y.name}' is a scalar; y must have shape (n, *target_shape)")
+
+
+def _check_split(path: str, x: h5py.Dataset, y: h5py.Dataset, feature_shape: tuple[int, ...], task: str) -> int:
     if x.dtype != np.float32:
         raise DataError(f"{path}: '{x.name}' has dtype {x.dtype}; x must be float32 (store x.astype('float32'))")
-    if y.dtype != np.int64:
-        raise DataError(f"{path}: '{y.name}' has dtype {y.dtype}; y must be int64 (store y.astype('int64'))")
+    _check_y(path, y, task)
     if x.ndim == 0:
         raise DataError(f"{path}: '{x.name}' is a scalar; x must have shape (n, *feature_shape)")
-    if y.ndim != 1:
-        raise DataError(f"{path}: '{y.name}' has shape {y.shape}; y must be one label per sample, shape (n,)")
     if x.shape[0] != y.shape[0]:
         raise DataError(
             f"{path}: '{x.name}' has {x.shape[0]} samples but '{y.name}' has {y.shape[0]}; "
-            "x and y need one label per sample"
+            "x and y need one row per sample"
         )
     if tuple(x.shape[1:]) != feature_shape:
         raise DataError(
@@ -217,6 +294,24 @@ def _check_labels(path: str, y: h5py.Dataset, num_classes: int) -> np.ndarray:
             f"first at index {index}: {value}); labels must be class indices below num_classes={num_classes}"
         )
     return counts
+
+
+def _check_targets(path: str, y: h5py.Dataset) -> TargetStats:
+    """Regression targets all finite, else a DataError naming the first bad row; returns their statistics."""
+    stats = TargetStats()
+    for start, stop in row_blocks(y, LABEL_READ_BYTES):
+        targets = _read(path, y, start, stop)
+        finite = np.isfinite(targets).reshape(len(targets), -1).all(axis=1)
+        if not finite.all():
+            row = int(np.flatnonzero(~finite)[0])
+            elements = np.ravel(targets[row])
+            value = elements[~np.isfinite(elements)][0]
+            raise DataError(
+                f"{path}: '{y.name}' has a non-finite target in row {start + row} ({value}); "
+                "regression targets must be finite: fix or drop that sample"
+            )
+        stats = stats.add(targets)
+    return stats
 
 
 def _listed(classes: np.ndarray) -> str:
@@ -273,23 +368,41 @@ def validate(path: str | os.PathLike[str], splits: tuple[str, ...] = SPLITS, sca
     """
     path = os.fspath(path)
     warnings: list[str] = []
+    target_shapes: dict[str, tuple[int, ...]] = {}
+    target_stats: dict[str, TargetStats] = {}
     with _open(path) as file:
-        num_classes, feature_shape, attrs = _check_attrs(path, file)
+        task, num_classes, feature_shape, attrs = _check_attrs(path, file)
         datasets = _datasets(path, file, splits)
         sizes = {}
         for split in splits:
             x, y = datasets[f"/{split}/x"], datasets[f"/{split}/y"]
-            sizes[split] = _check_split(path, x, y, feature_shape)
+            sizes[split] = _check_split(path, x, y, feature_shape, task)
             _check_external_storage(path, x)
             _check_external_storage(path, y)
-            counts = _check_labels(path, y, num_classes)
-            if split == "train":
-                warnings += _unused_classes_warning(split, counts)
+            if task == "classification":
+                counts = _check_labels(path, y, num_classes)
+                if split == "train":
+                    warnings += _unused_classes_warning(split, counts)
+            else:
+                target_shapes[split] = tuple(y.shape[1:])
+                target_stats[split] = _check_targets(path, y)
             if scan:
                 _scan_features(path, x)
             elif split == "val":
                 warnings += _scan_val(path, x)
-    return DatasetInfo(path, num_classes, feature_shape, sizes, attrs, tuple(warnings))
+    target_shape = _agreed_target_shape(path, target_shapes)
+    return DatasetInfo(
+        path, num_classes, feature_shape, sizes, attrs, tuple(warnings), task, target_shape, target_stats.get("train")
+    )
+
+
+def _agreed_target_shape(path: str, target_shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """The one per-sample target shape of the splits (() when there are none: classification)."""
+    shapes = set(target_shapes.values())
+    if len(shapes) > 1:
+        described = " but ".join(f"/{split}/y has targets of shape {shape}" for split, shape in target_shapes.items())
+        raise DataError(f"{path}: {described}; every split needs the same target shape")
+    return shapes.pop() if shapes else ()
 
 
 def _storage(name: str, dataset: h5py.Dataset) -> str:
@@ -305,10 +418,19 @@ def _storage(name: str, dataset: h5py.Dataset) -> str:
 
 def describe(info: DatasetInfo) -> str:
     """A multi-line, human-readable summary of a validated dataset file."""
-    extra = {key: value for key, value in info.attrs.items() if key not in ("num_classes", "feature_shape")}
-    lines = [
-        info.path,
-        f"  classes        {info.num_classes}",
+    extra = {key: value for key, value in info.attrs.items() if key not in ("task", "num_classes", "feature_shape")}
+    lines = [info.path, f"  task           {info.task}"]
+    if info.task == "classification":
+        lines.append(f"  classes        {info.num_classes}")
+    else:
+        lines.append(f"  target shape   {info.target_shape} ({info.outputs} model output(s))")
+        if info.target_stats is not None:
+            stats = info.target_stats
+            lines.append(
+                f"  train targets  mean {stats.mean:.6g}, std {stats.std:.6g}, "
+                f"min {stats.low:.6g}, max {stats.high:.6g}"
+            )
+    lines += [
         f"  feature shape  {info.feature_shape}",
         *(f"  {key:<14} {value!r}" for key, value in sorted(extra.items())),
     ]

@@ -47,6 +47,11 @@ def describe_split(path: str, split: str) -> ScoringInput:
                 raise DataError(
                     f"{path}: no split {split!r} (a group holding x); the file has: {', '.join(splits) or 'none'}"
                 )
+            if file.attrs.get("task", "classification") == "regression":
+                raise DataError(
+                    f"{path}: a regression set; hpcdl infer and evaluate score classifiers for now (load the run's "
+                    "model.pt in PyTorch to predict, or see its val_rmse / val_r2 in summary.json)"
+                )
             labelled = "y" in file[split]
             if not labelled:
                 return _features_only(path, split, file)

@@ -13,6 +13,7 @@ from torch import nn
 from hpcdl.comm import World
 from hpcdl.config import Config
 from hpcdl.parallel.layout import Layout
+from hpcdl.parallel.loss import Objective
 from hpcdl.parallel.strategy import Strategy
 
 Maker = Callable[[Config, Layout, World, nn.Module, tuple[int, ...], dict | None], Strategy]
@@ -64,10 +65,16 @@ def make_strategy(
     model: nn.Module,
     feature_shape: tuple[int, ...],
     model_state: dict[str, torch.Tensor] | None = None,
+    objective: Objective | None = None,
 ) -> Strategy:
     """The strategy of `layout.mode` wrapping `model` (built identically on every rank, checked by the layout).
 
     `feature_shape` (one sample's) lets pipeline mode time its layers (`parallel.balance = "time"`);
-    a meta-device `model` is allocated stage by stage, from `model_state` (a checkpoint's) if given.
+    a meta-device `model` is allocated stage by stage, from `model_state` (a checkpoint's) if given;
+    `objective` is the run's task and loss (classification with cross-entropy if not given).
     """
-    return STRATEGIES[layout.mode](cfg, layout, world, model, tuple(feature_shape), model_state)
+    strategy = STRATEGIES[layout.mode](cfg, layout, world, model, tuple(feature_shape), model_state)
+    if objective is not None:
+        strategy.objective = objective
+    strategy.precision = cfg.train.precision
+    return strategy

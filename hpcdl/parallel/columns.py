@@ -21,7 +21,6 @@ from hpcdl.data.loader import Batch
 from hpcdl.data.partition import DataShare
 from hpcdl.metrics import PhaseTimer
 from hpcdl.parallel.layout import Layout
-from hpcdl.parallel.loss import counted, evaluate_batch, share_of_loss
 from hpcdl.parallel.state import gather_model_state, gather_optimizer_state, local_optimizer_state
 from hpcdl.parallel.strategy import StepResult, Strategy, named_params
 from hpcdl.parallel.tensor.layers import RowParallelLinear, comm_seconds
@@ -42,11 +41,17 @@ class ColumnParallel(Strategy):
         self.param_names = named_params(model, self.params)
         self.share = DataShare(0, 1, self.first.block)  # every sample of the batch, this rank's columns
         self.first_id = next(i for i, p in enumerate(self.params) if p is self.first.weight)
+        self.split_group = self.grid.group("column")
+
+    def split_param_ids(self) -> set[int]:
+        """The first weight, cut by columns; every other parameter is whole on every rank."""
+        return {self.first_id}
 
     def _forward(self, batch: Batch, timer: PhaseTimer) -> torch.Tensor:
         comm_seconds(self.model)
         began = time.perf_counter()
-        logits = self.model(batch.x)
+        with self.autocast():
+            logits = self.model(batch.x)
         spent = comm_seconds(self.model)
         timer.add("forward", time.perf_counter() - began - spent)
         timer.add("comm", spent)
@@ -60,15 +65,17 @@ class ColumnParallel(Strategy):
         """Forward (with the partial-product Allreduce) and backward; no gradient exchange is needed."""
         self.model.train()
         logits = self._forward(batch, timer)
-        loss = share_of_loss(logits, batch)
+        with self.autocast():
+            loss = self.objective.share_of_loss(logits, batch)
         with timer.phase("backward"):
             (loss * scale if scale != 1.0 else loss).backward()
-        return self._counted(counted(logits, batch.y, loss.item() * batch.global_count))
+        return self._counted(self.objective.counted(logits, batch.y, loss.item() * batch.global_count))
 
     def evaluate_batch(self, batch: Batch) -> StepResult:
         """The figures of the batch, counted on rank 0 only."""
         self.model.eval()
-        return self._counted(evaluate_batch(self.model, batch))
+        with self.autocast():
+            return self._counted(self.objective.evaluate_batch(self.model, batch))
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The unsplit model's state on rank 0: the first layer's weight joined from every rank's columns."""

@@ -14,7 +14,7 @@ from hpcdl.data.loader import Batch
 from hpcdl.data.partition import DataShare
 from hpcdl.metrics import PhaseTimer
 from hpcdl.parallel.grad_sync import GradSync
-from hpcdl.parallel.loss import counted, evaluate_batch, share_of_loss, zero_contribution
+from hpcdl.parallel.loss import zero_contribution
 from hpcdl.parallel.strategy import StepResult, Strategy, named_params
 
 
@@ -68,9 +68,10 @@ class DataParallel(Strategy):
         self.model.train()
         with timer.phase("forward"):
             if len(batch.y):
-                logits = self.model(batch.x)
-                loss = share_of_loss(logits, batch)
-                result = counted(logits, batch.y, loss.item() * batch.global_count)
+                with self.autocast():
+                    logits = self.model(batch.x)
+                    loss = self.objective.share_of_loss(logits, batch)
+                result = self.objective.counted(logits, batch.y, loss.item() * batch.global_count)
             else:
                 loss, result = zero_contribution(self.model), StepResult()
         with timer.phase("backward"):
@@ -94,7 +95,8 @@ class DataParallel(Strategy):
     def evaluate_batch(self, batch: Batch) -> StepResult:
         """The figures of this rank's share, without learning."""
         self.model.eval()
-        return evaluate_batch(self.model, batch)
+        with self.autocast():
+            return self.objective.evaluate_batch(self.model, batch)
 
     def zero_grad(self) -> None:
         """Zero the gradient buckets for the next step (no allocation)."""

@@ -9,29 +9,22 @@ docs/architecture.md, "How to add a strategy").
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
 from torch import nn
 
+from hpcdl.comm import World
 from hpcdl.data.loader import Batch
 from hpcdl.data.partition import DataShare
 from hpcdl.metrics import PhaseTimer
+from hpcdl.parallel.loss import CLASSIFICATION, Objective, StepResult
+from hpcdl.precision import autocast
 
-
-@dataclass(frozen=True)
-class StepResult:
-    """What one rank counted in one step: summed loss, correct predictions, samples (zeros if it does not count)."""
-
-    loss_sum: float = 0.0
-    correct: int = 0
-    samples: int = 0
-
-    def vector(self) -> np.ndarray:
-        """The three figures as a float64 vector, ready to be summed over steps and ranks."""
-        return np.array([self.loss_sum, self.correct, self.samples], dtype=np.float64)
+__all__ = ["Strategy", "StepResult", "named_params"]
 
 
 class Strategy(ABC):
@@ -43,10 +36,17 @@ class Strategy(ABC):
     """
 
     device = torch.device("cpu")  # where this rank's part of the model lives and batches go
+    objective: Objective = CLASSIFICATION  # the task's loss and figures (make_strategy sets the run's)
     params: list[nn.Parameter]
     param_names: list[str]
     share: DataShare
     replicated: bool = False
+    split_group: World | None = None  # ranks holding disjoint parts of the model: their gradients' squares add up
+    precision: str = "fp32"  # train.precision: forward passes run under `autocast()` (make_strategy sets it)
+
+    def autocast(self) -> AbstractContextManager:
+        """The context of every forward pass: torch.autocast in bf16/fp16, nothing for fp32."""
+        return autocast(self.device, self.precision)
 
     @abstractmethod
     def train_step(self, batch: Batch, timer: PhaseTimer, sync: bool = True, scale: float = 1.0) -> StepResult:
@@ -67,6 +67,38 @@ class Strategy(ABC):
     def bytes_per_sync(self) -> int:
         """Bytes this rank communicates for gradients per optimizer step (for scaling studies)."""
         return 0
+
+    def split_param_ids(self) -> set[int]:
+        """Indices into `params` of those split over `split_group`; the others are whole and equal on its ranks."""
+        return set()
+
+    def grad_norm(self) -> float:
+        """The L2 norm of the whole model's summed gradient, the same on every rank.
+
+        Parts of a split model (pipeline stages, tensor or column shards) add their squares in one
+        small Allreduce over `split_group`; parameters every rank holds whole count once.
+        """
+        split = self.split_param_ids()
+        squares = np.zeros(2)  # [split parts, whole parameters]
+        for index, param in enumerate(self.params):
+            if param.grad is not None:
+                squares[0 if index in split else 1] += float(param.grad.detach().double().pow(2).sum())
+        if self.split_group is not None and self.split_group.size > 1:
+            squares[:1] = self.split_group.allreduce_sum(squares[:1])
+        return math.sqrt(squares.sum())
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Scale the gradients so that their whole-model norm is at most `max_norm`; returns the norm before.
+
+        As torch.nn.utils.clip_grad_norm_ does on one process: factor max_norm / (norm + 1e-6), if below 1.
+        """
+        norm = self.grad_norm()
+        factor = max_norm / (norm + 1e-6)
+        if factor < 1.0:
+            for param in self.params:
+                if param.grad is not None:
+                    param.grad.mul_(factor)
+        return norm
 
     def zero_grad(self) -> None:
         """Zero this rank's gradients in place for the next step."""

@@ -62,7 +62,7 @@ def run_record(summary: dict[str, Any], *, mode: str, label: str, repeat: int, r
             "global_batch": summary["global_batch"],
             "params": summary["params"],
             "steps": summary["steps"],
-            "warmup_steps": summary["warmup_steps"],
+            "warmup_steps": summary.get("timing_skip_steps", summary.get("warmup_steps")),
             "samples_per_s": summary["samples_per_s"],
             "step_ms": step_ms,
             "split_ms": split,
@@ -148,7 +148,7 @@ def _launch(opts: argparse.Namespace, ranks: int, batch: int, run_dir: Path) -> 
         f"train.batch_size={batch}",
         f"train.max_steps={total}",
         f"train.epochs={total}",  # each epoch has at least one step: max_steps ends the run
-        f"run.warmup_steps={opts.warmup}",
+        f"run.timing_skip_steps={opts.warmup}",
         f"run.dir='{run_dir}'",
         "run.progress=false",
         "run.checkpoint_every=0",

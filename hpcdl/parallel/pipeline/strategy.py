@@ -28,7 +28,7 @@ from hpcdl.metrics import PhaseTimer
 from hpcdl.models import is_meta, materialize
 from hpcdl.parallel.data import DataParallel
 from hpcdl.parallel.layout import Layout, named_layers
-from hpcdl.parallel.loss import counted, share_of_loss, zero_contribution
+from hpcdl.parallel.loss import zero_contribution
 from hpcdl.parallel.pipeline.p2p import ACTIVATION, GRADIENT, RecvQueue, SendQueue, recv_meta, send_meta
 from hpcdl.parallel.pipeline.schedule import SCHEDULES, micro_sizes, peak_alive, schedule
 from hpcdl.parallel.pipeline.stages import stage_starts
@@ -85,6 +85,7 @@ class Pipeline(Strategy):
         starts = stage_starts([m for _, m in named], stages, balance, cuts, world, sample)
         self.grid = layout.grid(world)
         self.world, self.pipe = world, self.grid.group("stage")
+        self.split_group = self.pipe  # each stage holds its own layers
         self.stage_index, self.stages, self.micro, self.kind = self.grid.coord("stage"), stages, micro_batches, schedule
         bounds = [*starts, len(named)]
         self.layer_range = (bounds[self.stage_index], bounds[self.stage_index + 1])
@@ -135,7 +136,7 @@ class Pipeline(Strategy):
             self.recv_act = RecvQueue(comm, grid.prev_stage_rank, ACTIVATION, slots, shape, dtype)
             self.send_grad = SendQueue(comm, grid.prev_stage_rank, GRADIENT)
         if not self.is_last:
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast():  # under autocast the activations travel in bf16/fp16
                 probe = self.stage(torch.zeros(1, *shape, dtype=dtype))
             send_meta(comm, grid.next_stage_rank, probe)
             self.send_act = SendQueue(comm, grid.next_stage_rank, ACTIVATION)
@@ -160,7 +161,7 @@ class Pipeline(Strategy):
         actions = schedule(self.kind, self.stage_index, self.stages, len(sizes))
         last_backward = len(actions) - 1
         saved: dict[int, tuple[int | None, torch.Tensor, torch.Tensor]] = {}
-        stats = np.zeros(3)
+        stats = np.zeros(self.objective.width)
         for step, (kind, i) in enumerate(actions):
             if kind == "F":
                 saved[i] = self._forward(i, xs, ys, batch.global_count, scale, timer, stats)
@@ -174,7 +175,7 @@ class Pipeline(Strategy):
                     queue.wait()
         if self.dp is not None and sync:
             self.dp.finish_sync(timer)
-        return StepResult(float(stats[0]), int(stats[1]), int(stats[2]))
+        return StepResult.from_vector(stats)
 
     def _forward(self, i, xs, ys, global_count, scale, timer, stats):
         """Forward of micro-batch i: receive (or read) its input, run the stage, send or take the loss."""
@@ -185,11 +186,11 @@ class Pipeline(Strategy):
             with timer.phase("recv"):
                 slot, received = self.recv_act.take()
             x = received.detach().requires_grad_()
-        with timer.phase("forward"):
+        with timer.phase("forward"), self.autocast():
             out = self.stage(x)
             if self.is_last:
-                loss = share_of_loss(out, Batch(xs[i], ys[i], global_count))
-                stats += counted(out, ys[i], loss.item() * global_count).vector()
+                loss = self.objective.share_of_loss(out, Batch(xs[i], ys[i], global_count))
+                stats += self.objective.counted(out, ys[i], loss.item() * global_count).vector(len(stats))
                 out = loss * scale if scale != 1.0 else loss
         if not self.is_last:
             with timer.phase("send"):
@@ -223,24 +224,29 @@ class Pipeline(Strategy):
         self._connect(batch)
         if self.recv_act is not None:
             self.recv_act.expect(sizes)
-        stats = np.zeros(3)
+        stats = np.zeros(self.objective.width)
         for x, y in zip(torch.split(batch.x, sizes), torch.split(batch.y, sizes)):
             slot = None
             if not self.is_first:
                 slot, x = self.recv_act.take()
-            out = self.stage(x)
+            with self.autocast():
+                out = self.stage(x)
             if slot is not None:
                 if out.data_ptr() == x.data_ptr():  # a view of the receive buffer must not be sent from it
                     out = out.clone()
                 self.recv_act.release(slot)
             if self.is_last:
-                loss = torch.nn.functional.cross_entropy(out, y, reduction="sum").item()
-                stats += counted(out, y, loss).vector()
+                with self.autocast():
+                    stats += self.objective.evaluated(out, y).vector(len(stats))
             else:
                 self.send_act.send(out)
         if self.send_act is not None:
             self.send_act.wait()
-        return StepResult(float(stats[0]), int(stats[1]), int(stats[2]))
+        return StepResult.from_vector(stats)
+
+    def split_param_ids(self) -> set[int]:
+        """Every parameter: this stage's layers are its own, the other stages hold the rest."""
+        return set(range(len(self.params)))
 
     def zero_grad(self) -> None:
         """Zero this stage's gradients in place."""

@@ -22,8 +22,12 @@ from hpcdl.data.partition import block_range
 def _sum_over(world: World, tensor: torch.Tensor, layer: ShardedLinear | None = None) -> torch.Tensor:
     """`tensor` summed over the ranks of `world` (a new contiguous tensor); the time goes to `layer.comm_s`."""
     began = time.perf_counter()
-    out = tensor.contiguous().clone()  # the sum must not overwrite an autograd input in place
+    # The sum must not overwrite an autograd input in place; half-precision activations (autocast) are summed
+    # in fp32: MPI cannot add bfloat16, and fp16 partial sums would lose what fp32 keeps.
+    wide = tensor.dtype not in (torch.float32, torch.float64)
+    out = tensor.contiguous().float() if wide else tensor.contiguous().clone()
     world.comm.Allreduce(mpi().IN_PLACE, buffer(out), op=mpi().SUM)
+    out = out.to(tensor.dtype) if wide else out
     if layer is not None:
         layer.comm_s += time.perf_counter() - began
     return out

@@ -21,6 +21,7 @@ from hpcdl.data.partition import DataShare
 from hpcdl.metrics import PhaseTimer
 from hpcdl.parallel.data import DataParallel
 from hpcdl.parallel.layout import Layout, linear_pairs
+from hpcdl.parallel.loss import Objective
 from hpcdl.parallel.state import gather_model_state, gather_optimizer_state, local_optimizer_state
 from hpcdl.parallel.strategy import StepResult, Strategy
 from hpcdl.parallel.tensor.layers import ColumnParallelLinear, RowParallelLinear, shard_dims
@@ -55,6 +56,29 @@ class TensorParallel(Strategy):
         self.params, self.param_names = self.replicas.params, self.replicas.param_names
         self.share = DataShare(self.grid.coord("replica"), self.grid.size("replica"))
         self.speaks = self.grid.coord("tensor") == 0  # one tensor rank reports each replica's figures
+        self.split_group = self.shards
+
+    def split_param_ids(self) -> set[int]:
+        """The shards: parameters cut over the tensor ranks (the rest, e.g. a whole last layer, are replicated)."""
+        return set(self.param_dims)
+
+    @property
+    def objective(self) -> Objective:
+        """The task's loss and figures: those of the replicas' engine, which computes them."""
+        return self.replicas.objective
+
+    @objective.setter
+    def objective(self, value: Objective) -> None:
+        self.replicas.objective = value
+
+    @property
+    def precision(self) -> str:
+        """train.precision: the replicas' engine runs the forward passes."""
+        return self.replicas.precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self.replicas.precision = value
 
     def train_step(self, batch: Batch, timer: PhaseTimer, sync: bool = True, scale: float = 1.0) -> StepResult:
         """Forward/backward with the layers' Allreduces; replicas' gradients summed when `sync`."""
