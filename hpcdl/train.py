@@ -183,7 +183,7 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts:
                 clock.step_done(batch.global_count)
                 if sync:
                     steps_log.step_end(state, steps_per_epoch, lr, grad_norm)
-                bar.postfix = f"loss={sums[0] / max(sums[1], 1):.4f}"
+                bar.postfix = f"loss={sums[0] / max(sums[-1], 1):.4f}"
                 bar.update(1)
                 if sync and cfg.run.checkpoint_every and state.global_step % cfg.run.checkpoint_every == 0:
                     saving.save()
@@ -296,7 +296,7 @@ class StepLog:
             return
         totals = self.world.allreduce_sum(self.sums)
         now = time.perf_counter()
-        samples = float(totals[1])  # counted over every rank
+        samples = float(totals[-1])  # counted over every rank
         record = {
             "step": state.global_step,
             "epoch": state.epoch + state.step_in_epoch / steps_per_epoch,

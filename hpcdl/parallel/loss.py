@@ -46,17 +46,18 @@ class StepResult:
     samples: int = 0
     figures: tuple[float, ...] = ()  # the objective's sums, e.g. (correct,) for classification
 
-    def vector(self, width: int) -> np.ndarray:
-        """The figures as a float64 vector of `width` (zeros where nothing was counted), ready to be summed."""
+    def vector(self, width: int = 3) -> np.ndarray:
+        """[summed loss, *figures, samples] as float64, `width` long (zeros where nothing was counted), to be
+        summed over steps and ranks; the default is classification's [loss, correct, samples]."""
         out = np.zeros(width, dtype=np.float64)
-        values = [self.loss_sum, self.samples, *self.figures]
-        out[: len(values)] = values
+        out[0], out[-1] = self.loss_sum, self.samples
+        out[1 : 1 + len(self.figures)] = self.figures
         return out
 
     @classmethod
     def from_vector(cls, sums: np.ndarray) -> StepResult:
         """The inverse of `vector`: a result holding summed figures."""
-        return cls(float(sums[0]), int(sums[1]), tuple(float(v) for v in sums[2:]))
+        return cls(float(sums[0]), int(sums[-1]), tuple(float(v) for v in sums[1:-1]))
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class Objective:
 
     def metrics(self, sums: np.ndarray, prefix: str = "") -> dict[str, float]:
         """Loss and the task's metrics from a vector of sums over steps and ranks (`prefix` e.g. "val_")."""
-        loss_sum, samples, *figures = (float(v) for v in sums)
+        loss_sum, *figures, samples = (float(v) for v in sums)
         out = {f"{prefix}loss": loss_sum / max(samples, 1)}
         if self.task == "classification":
             out[f"{prefix}acc"] = figures[0] / max(samples, 1)
