@@ -34,6 +34,14 @@ def run_mpi(ranks: int, *args: str, timeout: float = 120, cwd: Path | None = Non
         pytest.fail(f"mpiexec -n {ranks} {' '.join(args)} hung for {timeout} s:\n{exc.stdout}\n{exc.stderr}")
 
 
+def reference_sets(data, run_dir, hidden: list[int], batch: int, steps: int, lr: float) -> list[str]:
+    """The --set assignments of a run comparable with tests/reference.py: its model, global batch, steps and SGD."""
+    return [
+        f"data.path='{data}'", f"run.dir='{run_dir}'", f"model.hidden={hidden}", f"train.batch_size={batch}",
+        f"train.max_steps={steps}", "train.optimizer='sgd'", f"train.lr={lr}", "train.epochs=100", "run.progress=false",
+    ]  # fmt: skip
+
+
 def hpcdl_train(ranks: int, config: str, *sets: str, extra: tuple[str, ...] = (), timeout: float = 120):
     """`hpcdl train --config C --set ...` on `ranks` ranks, one thread each (2 cores here)."""
     args = ["-m", "hpcdl", "train", "--config", config, "--threads", "1", *extra]

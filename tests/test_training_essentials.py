@@ -17,7 +17,7 @@ from hpcdl.config import ModelConfig
 from hpcdl.data.make import make_diabetes
 from hpcdl.models import build
 
-from conftest import REPO, hpcdl_train, read_summary, run_mpi
+from conftest import REPO, hpcdl_train, read_summary, reference_sets, run_mpi
 from reference import assert_close_states, reference_train
 
 MODEL = ModelConfig(name="mlp", hidden=[16, 12, 8])
@@ -41,11 +41,7 @@ def diabetes(tmp_path_factory):
 def train(ranks: int, data, run_dir, *sets: str, steps: int = STEPS, extra: tuple[str, ...] = (), env=None):
     """`hpcdl train` of the reference's model, batch, steps and SGD, plus `sets`."""
     args = ["-m", "hpcdl", "train", "--config", "digits-mlp", "--threads", "1", *extra]
-    for assignment in (
-        f"data.path='{data}'", f"run.dir='{run_dir}'", f"model.hidden={MODEL.hidden}", f"train.batch_size={BATCH}",
-        f"train.max_steps={steps}", "train.optimizer='sgd'", f"train.lr={LR}", "train.epochs=100",
-        "run.progress=false", *sets,
-    ):  # fmt: skip
+    for assignment in (*reference_sets(data, run_dir, MODEL.hidden, BATCH, steps, LR), *sets):
         args += ["--set", assignment]
     result = run_mpi(ranks, *args, timeout=180, env=env)
     assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]

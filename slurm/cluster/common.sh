@@ -10,13 +10,12 @@ slurmd_port=6918
 munge_socket="$state/munge/munge.socket"
 boot_id=/proc/sys/kernel/random/boot_id
 
+# shellcheck source=../common.sh
+source "$here/../common.sh"
+
 die() { echo "cluster: $*" >&2; exit 1; }
 
 node_addr() { echo "$subnet.$1"; }
-
-alive() {  # alive <pidfile> <command name>: the pid file names a live <command>
-  [[ -s $1 ]] && [[ $(cat "/proc/$(cat "$1")/comm" 2>/dev/null) == "$2" ]]
-}
 
 any_alive() {  # any daemon of this cluster still running
   local pidfile

@@ -18,33 +18,12 @@ if alive "$state/slurmctld.pid" slurmctld && [[ -n $(squeue -h -o %i 2>/dev/null
   done
 fi
 
-stopping=()
-signal() {  # signal <pidfile> <name>: TERM the daemon the pid file names, if alive
-  local pid
-  if alive "$1" "$2"; then
-    pid="$(cat "$1")"  # read once: daemons delete it as they exit
-    kill -TERM "$pid"
-    stopping+=("$2:$pid")
-  fi
-  rm -f "$1"
-}
 for pidfile in "$state"/slurmd-node*.pid; do
-  [[ -e $pidfile ]] && signal "$pidfile" slurmd
+  [[ -e $pidfile ]] && signal_daemon "$pidfile" slurmd
 done
-signal "$state/slurmctld.pid" slurmctld
-signal "$state/munged.pid" munged
-for entry in "${stopping[@]}"; do
-  name="${entry%%:*}" pid="${entry##*:}"
-  for _ in $(seq 150); do
-    [[ -d /proc/$pid ]] || break
-    sleep 0.1
-  done
-  if [[ -d /proc/$pid ]]; then
-    echo "cluster-down: $name ($pid) ignored TERM for 15 s, killing it" >&2
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  echo "cluster-down: stopped $name ($pid)"
-done
+signal_daemon "$state/slurmctld.pid" slurmctld
+signal_daemon "$state/munged.pid" munged
+wait_stopped cluster-down
 
 # Anything still inside a node (a step whose slurmstepd died, a process started by on.sh) ends too.
 for ns in $(ip netns list 2>/dev/null | awk '/^node[0-9]+/ {print $1}'); do
