@@ -34,7 +34,6 @@ class LossScaler:
     enabled: bool = False
     scale: float = 1.0
     good_steps: int = 0
-    overflows: int = 0
 
     @classmethod
     def for_precision(cls, precision: str, saved: dict[str, Any] | None = None) -> LossScaler:
@@ -57,7 +56,7 @@ class LossScaler:
         if not self.enabled:
             return
         if overflowed:
-            self.scale, self.good_steps, self.overflows = self.scale / 2, 0, self.overflows + 1
+            self.scale, self.good_steps = self.scale / 2, 0  # the step itself counts in skipped_steps
             return
         self.good_steps += 1
         if self.good_steps == GROWTH_INTERVAL:

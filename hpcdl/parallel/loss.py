@@ -67,7 +67,6 @@ class Objective:
     task: str = "classification"
     loss_fn: LossFn = F.cross_entropy
     target_shape: tuple[int, ...] = ()
-    loss_name: str = "cross_entropy"
 
     @property
     def width(self) -> int:
@@ -147,10 +146,10 @@ def make_objective(
         if not callable(loss_fn):
             kind = type(loss_fn).__name__
             raise ConfigError(f"loss_fn must be a function (outputs, targets) -> mean loss, got {kind}")
-        return Objective(task, loss_fn, tuple(target_shape), getattr(loss_fn, "__name__", "loss_fn"))
+        return Objective(task, loss_fn, tuple(target_shape))
     name = loss or DEFAULT_LOSS[task]
     if ":" in name:
-        return Objective(task, load_factory(name, folder, "train.loss"), tuple(target_shape), name)
+        return Objective(task, load_factory(name, folder, "train.loss"), tuple(target_shape))
     fits, function = BUILT_IN_LOSSES[name]
     if fits != task:
         suited = ", ".join(n for n, (t, _) in BUILT_IN_LOSSES.items() if t == task)
@@ -158,7 +157,7 @@ def make_objective(
             f"train.loss = {name!r} is for {fits}, but the data is a {task} set; use {suited}, or your own "
             "as 'module:function'"
         )
-    return Objective(task, function, tuple(target_shape), name)
+    return Objective(task, function, tuple(target_shape))
 
 
 def zero_contribution(model: nn.Module) -> torch.Tensor:
