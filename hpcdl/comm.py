@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -36,6 +37,9 @@ ARRIVED_TAG = 30917
 LAUNCHED_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
 # Variables an MPI launcher sets in every rank it starts (hydra and srun's PMI, PMIx, Open MPI).
 MPI_LAUNCHED = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")
+# Each launcher's index of the process it started, read when MPI sees a singleton (the same order as above).
+LAUNCHED_INDEXES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "RANK", "SLURM_PROCID", "SLURM_PROCID")
+SINGLETON_WAIT_S = 5.0  # how long the other singletons leave the refusal to process 0 before they end too
 LAUNCHER_POLL_S = 0.5  # how often a rank looks whether its launcher is still there
 
 
@@ -247,6 +251,13 @@ def check_launch(size: int) -> None:
     started = counts.get(name, 1)
     if started <= 1:
         return
+    if os.environ.get(LAUNCHED_INDEXES[LAUNCHED_SIZES.index(name)], "0") != "0":
+        # Only process 0 says it, so the job's log has one line. srun --kill-on-bad-exit ends the others
+        # with SIGTERM when process 0 exits; they exit with the same status, so the step's status is the
+        # refusal's and not the signal's, and one that wakes first cannot end process 0 before it speaks.
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_ERROR))
+        time.sleep(SINGLETON_WAIT_S)
+        sys.exit(EXIT_ERROR)
     library = " ".join(mpi().Get_library_version().splitlines()[0].split())
     print(
         f"hpcdl: error: the launcher started {started} processes ({name}={started}) but MPI sees each as a job "
