@@ -281,4 +281,6 @@ def test_a_claim_does_not_wait_for_a_busy_rank_0():
     """MPICH may progress passive-target RMA only inside MPI calls on the target: the counter must not need that."""
     result = run_mpi(2, str(REPO / "tests/scripts/counter_progress.py"), timeout=60)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1])["slowest_claim_s"] < 0.5
+    # Each rank prints one JSON object; the launcher may splice their lines.
+    said = {k: v for text in re.findall(r"\{[^}]*\}", result.stdout) for k, v in json.loads(text).items()}
+    assert said["claims_done"] < said["busy_until"], said

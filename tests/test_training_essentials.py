@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -164,6 +166,13 @@ def test_early_stop_at_the_expected_epoch_keeps_the_best_checkpoint(datasets, tm
     best = checkpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")
     assert best["epoch"] == 1
     assert_close_states(best["model"], final_model(tmp_path / "one"), atol=0, rtol=0)
+    # best.pt is a checkpoint like any other for export (and infer/evaluate), though the manifest does not list it.
+    out = tmp_path / "best.safetensors"
+    exported = subprocess.run(
+        [sys.executable, "-m", "hpcdl", "export", str(tmp_path / "run" / "checkpoints" / "best.pt"), "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert exported.returncode == 0 and out.is_file(), exported.stderr
 
 
 def test_step_records_csv_and_tensorboard(datasets, tmp_path):

@@ -42,7 +42,9 @@ def locate(target: str, notes: list[str]) -> Path:
         return found
     if not path.is_file():
         raise HpcdlError(f"--checkpoint {target}: neither a checkpoint file nor a run folder")
-    if (path.parent / checkpoint.MANIFEST).is_file() and (reason := checkpoint.problem(path)):
+    # best.pt is written atomically beside the rotation and never listed in the manifest.
+    listed = path.name != checkpoint.BEST and (path.parent / checkpoint.MANIFEST).is_file()
+    if listed and (reason := checkpoint.problem(path)):
         raise HpcdlError(f"--checkpoint {target}: checkpoint is not valid ({reason})")
     return path
 

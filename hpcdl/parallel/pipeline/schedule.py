@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hpcdl.data.partition import block_sizes
+
 SCHEDULES = ("gpipe", "1f1b")
 
 
@@ -29,4 +31,4 @@ def peak_alive(actions: list[tuple[str, int]]) -> int:
 def micro_sizes(rows: int, micro: int) -> list[int]:
     """Rows of each micro-batch (np.array_split's sizes); fewer micro-batches when rows < micro."""
     parts = min(micro, rows)
-    return [rows // parts + (1 if i < rows % parts else 0) for i in range(parts)] if parts else []
+    return block_sizes(rows, parts).tolist() if parts else []
