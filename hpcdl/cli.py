@@ -1,4 +1,4 @@
-"""The command line: hpcdl data | train | checkpoint | plot | infer | evaluate | export | bench | scale | slurm.
+"""The command line: hpcdl data | train | sweep | checkpoint | plot | infer | evaluate | export | bench | scale | slurm.
 
 Building the parser imports no torch, h5py or mpi4py (every command module defers them to the
 command itself), so `--help` and bad usage answer at once.
@@ -78,7 +78,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _add_benchmarks(commands) -> None:
-    from hpcdl.bench import allreduce, comm, dp, infer, io, pipeline
+    from hpcdl.bench import allreduce, comm, dp, infer, io, pipeline, strategies
 
     bench = commands.add_parser("bench", help="benchmarks: hpcdl and its peers side by side, ratios printed")
     kinds = bench.add_subparsers(dest="benchmark", required=True)
@@ -89,6 +89,7 @@ def _add_benchmarks(commands) -> None:
         ("io", io, "loader throughput (block/global, cached/streamed) vs plain sequential reads, DLIO-style"),
         ("pipeline", pipeline, "GPipe/1F1B pipeline vs torch.distributed.pipelining vs one process, bubble"),
         ("infer", infer, "distributed scoring, static vs dynamic schedule (one rank slowed) vs a plain torch loop"),
+        ("strategies", strategies, "data parallel vs parameter servers (sync, async) vs local SGD: speed, bytes, time"),
     ):
         parser = kinds.add_parser(name, help=summary)
         module.add_arguments(parser)
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     from hpcdl.infer.commands import register as register_infer
     from hpcdl.scale import register as register_scale
     from hpcdl.slurm import register as register_slurm
+    from hpcdl.sweep.commands import register as register_sweep
 
     parser = _Parser(prog="hpcdl", description="MPI data/model parallel training on HDF5 data")
     parser.add_argument("--version", action="version", version=f"hpcdl {__version__}")
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", metavar="FOLDER", help="where the PNGs go (default: RUN_DIR)")
     plot.set_defaults(func=_plot)
     register_infer(commands)
+    register_sweep(commands)
     _add_benchmarks(commands)
     register_scale(commands)
     register_slurm(commands)

@@ -15,7 +15,7 @@ from typing import NoReturn, TypeVar
 import numpy as np
 import torch
 
-from hpcdl.errors import HpcdlError
+from hpcdl.errors import HpcdlError, TrialFailed
 
 T = TypeVar("T")
 
@@ -64,6 +64,9 @@ class World:
     num_nodes: int
     verbose: bool = False
     hosts: tuple[str, ...] = ()  # each rank's host name, for messages that must say where a rank runs
+    # A contained world (a sweep's group): a failure its ranks agree on raises TrialFailed on each of them
+    # instead of ending the process, so the group can go on to other work.
+    contained: bool = False
 
     def where(self, rank: int) -> str:
         """' on HOST' for a rank of a job that spans hosts, else '' (one host needs no naming)."""
@@ -128,6 +131,8 @@ class World:
         failed = [(r, e) for r, e in enumerate(errors) if e is not None]
         if failed:
             rank, message = failed[0]
+            if self.contained:
+                raise TrialFailed(message)
             if self.is_root:
                 # The same message from every rank is one cause, not one rank's.
                 where = f" (rank {rank})" if self.size > 1 and len(set(errors)) > 1 else ""

@@ -111,7 +111,7 @@ MODEL_NAMES = ("mlp", "cnn", "rnn")
 # Floating-point types a model may train in (hpcdl.models.torch_dtype maps them).
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 # Ways of splitting the work (hpcdl.parallel makes the strategy of each).
-MODES = ("data", "pipeline", "tensor", "columns")
+MODES = ("data", "pipeline", "tensor", "columns", "local-sgd", "ps-sync", "ps-async")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -219,7 +219,8 @@ class RunConfig:
 class ParallelConfig:
     """How the work is split across ranks."""
 
-    mode: str = "data"  # data | pipeline | tensor | columns (mlp: each rank reads its feature columns)
+    # data | pipeline | tensor | columns (mlp: each rank reads its feature columns) | local-sgd | ps-sync | ps-async
+    mode: str = "data"
     bucket_mb: float = number(25.0, ABOVE_ZERO)  # gradient bucket size: one Iallreduce per bucket
     overlap: bool = True  # start each bucket's Allreduce during backward
     compression: str = "none"  # none | fp16 | bf16: gradients' type on the wire
@@ -232,6 +233,12 @@ class ParallelConfig:
     cuts: list[int] = field(default_factory=list)
     replicas: int = number(1, POSITIVE)  # pipeline/tensor: data-parallel copies; world = replicas x stages/tensor
     tensor: int = number(1, POSITIVE)  # tensor: ranks each MLP layer pair is split over
+    local_steps: int = number(4, POSITIVE)  # local-sgd: optimizer steps each rank takes alone between averages
+    post_local_steps: int = number(0, NON_NEGATIVE)  # local-sgd: data-parallel steps before local SGD begins
+    average_optimizer: bool = False  # local-sgd: average the optimizer state (momentum, moments) with the weights
+    servers: int = number(1, POSITIVE)  # ps-sync/ps-async: the first ranks, holding the parameters
+    max_staleness: int = number(4, NON_NEGATIVE)  # ps-async: updates a worker's parameters may lag the servers'
+    deterministic: bool = False  # ps-async: servers apply gradients in worker order, not as they arrive
 
     def check(self) -> None:
         _choice("parallel.mode", self.mode, MODES)

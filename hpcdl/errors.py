@@ -11,3 +11,8 @@ class ConfigError(HpcdlError):
 
 class DataError(HpcdlError):
     """A bad or unreadable dataset; the message names the file and the dataset."""
+
+
+class TrialFailed(HpcdlError):
+    """A failure every rank of a contained group agreed on (see `World.contained`): it ends the group's
+    current work (a sweep's trial), not the job."""

@@ -31,18 +31,22 @@ class PhaseTimer:
     def __init__(self) -> None:
         self.totals: dict[str, float] = defaultdict(float)
         self.current: str | None = None  # the phase being timed now (the hang watchdog reads it)
+        self.nested: list[float] = []  # per open phase: the time its inner phases took (counted only there)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Time the enclosed block under `name`."""
+        """Time the enclosed block under `name`; a phase inside it counts under its own name only."""
         began, outer = time.perf_counter(), self.current
         self.current = name
+        self.nested.append(0.0)
         try:
             yield
         finally:
             self.current = outer
             spent = time.perf_counter() - began
-            self.totals[name] += spent
+            self.totals[name] += spent - self.nested.pop()
+            if self.nested:
+                self.nested[-1] += spent
             if trace.ACTIVE is not None:  # every phase shows in the timeline when tracing is on
                 trace.ACTIVE.record(name, began, spent)
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from hpcdl.comm import EXIT_REQUEUE, World, mpi
+from hpcdl.errors import TrialFailed
 from hpcdl.parallel.strategy import Strategy
 from hpcdl.precision import LossScaler
 
@@ -117,14 +118,17 @@ class StepGuard:
         self.signals = StopSignals()
         # Replicas can be compared only when every rank holds the whole model (data parallel).
         self.check_every = check_every if strategy.replicated else 0
-        self.flags = np.zeros(3)
+        self.flags = np.zeros(4)
+        self.failure: str | None = None  # a contained world: this rank's step raised; said at the next sync point
 
     def after_sync(self, step: int, loss_sum: float, skipped: int, rows: np.ndarray | None = None) -> Verdict:
         """After the gradient sync, before the optimizer: one Allreduce decides for all ranks.
 
         `skipped` counts the steps skipped so far; `rows` are the /train rows of this rank's batch,
-        named when its loss is not finite.
+        named when its loss is not finite. A step that raised on a rank of a contained world
+        (`failure`) ends the trial on every rank of it, with that rank's message.
         """
+        self.flags[3] = self.world.size - self.world.rank if self.failure else 0
         grads = [p.grad for p in self.strategy.params if p.grad is not None]
         # A sum is the cheapest pass that NaN/Inf reach (~0.1 ms for 1.9 M gradients); only when it is
         # not finite (or a huge finite gradient overflowed it) is each element looked at.
@@ -135,6 +139,9 @@ class StepGuard:
         self.flags[1] = self.world.size - self.world.rank if not math.isfinite(loss_sum) else 0
         self.flags[2] = grad_bad
         self.world.comm.Allreduce(mpi().IN_PLACE, self.flags, op=mpi().MAX)
+        if self.flags[3]:  # every rank saw it: the message's broadcast is matched everywhere
+            failed_rank = self.world.size - int(self.flags[3])
+            raise TrialFailed(f"rank {failed_rank}: {self.world.comm.bcast(self.failure, root=failed_rank)}")
         stop_signal = signal.Signals(int(self.flags[0])).name if self.flags[0] else None
         if not (self.flags[1] or self.flags[2]):
             self.scaler.update(overflowed=False)

@@ -34,7 +34,8 @@ FREE_TO_CHANGE = {
             "nan_policy", "dir", "early_stop", "keep_best", "tensorboard"},
     "data": {"cache_mb", "prefetch", "scan", "path"},
     "parallel": {"bucket_mb", "overlap", "compression", "accumulate_steps", "micro_batches", "schedule", "balance",
-                 "cuts", "stages", "replicas", "tensor", "mode"},
+                 "cuts", "stages", "replicas", "tensor", "mode", "local_steps", "post_local_steps",
+                 "average_optimizer", "servers", "max_staleness", "deterministic"},
 }  # fmt: skip
 # A batch size change moves every later step's samples: allowed only where the position converts exactly.
 BATCH_KEY = ("train", "batch_size")

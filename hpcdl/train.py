@@ -19,12 +19,13 @@ import torch
 from hpcdl import checkpoint
 from hpcdl.comm import World
 from hpcdl.config import Config, TrainConfig
-from hpcdl.data.loader import Loader
+from hpcdl.data.loader import Batch, Loader
+from hpcdl.errors import HpcdlError, TrialFailed
 from hpcdl.faults import Injector
-from hpcdl.metrics import CsvLog, JsonlLog, StepClock, TensorBoardLog, run_summary, strict_json
+from hpcdl.metrics import CsvLog, JsonlLog, PhaseTimer, StepClock, TensorBoardLog, run_summary, strict_json
 from hpcdl.parallel import make_strategy
 from hpcdl.parallel.loss import LossFn, Objective
-from hpcdl.parallel.strategy import Strategy
+from hpcdl.parallel.strategy import StepResult, Strategy
 from hpcdl.precision import LossScaler
 from hpcdl.preflight import RunState, Setup, dataset_identity, make_loaders, prepare
 from hpcdl.progress import Progress
@@ -124,11 +125,7 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts:
     steps_per_epoch = len(train_loader)
     optimizer = parts.optimizer(strategy.params) if parts.optimizer else build_optimizer(cfg.train, strategy.params)
     scheduler = build_scheduler(cfg, parts, optimizer, steps_per_epoch)
-    if saved:
-        strategy.load_optimizer_state(optimizer, saved["optimizer"])
-        restore_scheduler(scheduler, saved, cfg.parallel.accumulate_steps)
-        checkpoint.restore_rng(saved.get("rng"))
-    strategy.sync_optimizer(optimizer)
+    restore(strategy, optimizer, scheduler, saved, cfg.parallel.accumulate_steps)
     state, dataset = setup.position, dataset_identity(setup.info)
     best = BestEpoch.from_config(cfg.run, saved and saved.get("best"))
     scaler = LossScaler.for_precision(cfg.train.precision, saved and saved.get("loss_scale"))
@@ -145,66 +142,64 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts:
     began, history, stop_signal, stopped_early = time.perf_counter(), {}, None, False
     watchdog = Watchdog(world, cfg.run.watchdog_s, clock.timer)
     guard.signals.install()
-    while state.epoch < cfg.train.epochs and state.global_step < last_step and not (stop_signal or stopped_early):
-        sums = np.zeros(strategy.objective.width)
-        bar = Progress(
-            min(steps_per_epoch - state.step_in_epoch, last_step - state.global_step),
-            desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}", enabled=world.is_root and cfg.run.progress,
-        )  # fmt: skip
-        with bar:
-            clock.restart()
-            for batch in train_loader.epoch(state.epoch, state.step_in_epoch):
-                watchdog.begin(state.global_step + 1)
-                faults.step_start(state.global_step + 1, batch)
-                clock.timer.add("data", batch.wait_s)
-                sync, scale = accumulation_window(state.step_in_epoch, steps_per_epoch, cfg.parallel.accumulate_steps)
-                result = strategy.train_step(batch, clock.timer, sync=sync, scale=scale * scaler.scale)
-                verdict, grad_norm, lr = Verdict(), None, optimizer.param_groups[0]["lr"]
-                if sync:  # the sync point: gradients are summed; one small Allreduce for stop requests and NaN/Inf
-                    with clock.timer.phase("comm"):
-                        step = state.global_step + 1
-                        verdict = guard.after_sync(step, result.loss_sum, state.skipped_steps, rows=batch.indices)
-                    with clock.timer.phase("optimizer"):
-                        if verdict.apply:
-                            scaler.unscale(strategy.params)
-                            grad_norm = clip_or_measure(cfg, strategy, steps_log.due(state.global_step + 1))
-                            optimizer.step()
-                        scheduler.step()  # the rate follows the position, a skipped step included
-                        strategy.zero_grad()
-                counted = result.vector(len(sums)) if verdict.apply else 0.0
-                sums += counted
-                steps_log.sums += counted
-                state.skipped_steps += 0 if verdict.apply else 1
-                state.advance()
-                faults.step_end(state.global_step, strategy.params)
-                if sync:
-                    guard.check_replicas(state.global_step)
-                watchdog.end()
-                clock.step_done(batch.global_count)
-                if sync:
-                    steps_log.step_end(state, steps_per_epoch, lr, grad_norm)
-                bar.postfix = f"loss={sums[0] / max(sums[-1], 1):.4f}"
-                bar.update(1)
-                if sync and cfg.run.checkpoint_every and state.global_step % cfg.run.checkpoint_every == 0:
-                    saving.save()
-                stop_signal = verdict.stop_signal
-                if stop_signal or state.global_step >= last_step:
-                    break
-        if stop_signal:
-            break  # no evaluation: checkpoint and go
-        epoch = state.end_epoch(steps_per_epoch)
-        history = epoch_record(world, strategy, val_loader, sums, epoch, state.global_step)
-        log.write(event="epoch", **history)
-        steps_log.epoch(history)
-        if best.update(history) and cfg.run.keep_best:
-            saving.save_best()
-        if best.should_stop:
-            stopped_early = True
-            world.log(
-                f"hpcdl: early stop after epoch {epoch:g}: {best.metric} has not improved for {best.patience} epochs "
-                f"(best {best.best:.6g} at epoch {best.best_epoch:g})"
-            )
-            log.write(event="early_stop", epoch=epoch, metric=best.metric, best=best.best, best_epoch=best.best_epoch)
+    try:
+        while state.epoch < cfg.train.epochs and state.global_step < last_step and not (stop_signal or stopped_early):
+            sums = np.zeros(strategy.objective.width)
+            bar = Progress(
+                min(steps_per_epoch - state.step_in_epoch, last_step - state.global_step),
+                desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}", enabled=world.is_root and cfg.run.progress,
+            )  # fmt: skip
+            with bar:
+                clock.restart()
+                for batch in train_loader.epoch(state.epoch, state.step_in_epoch):
+                    watchdog.begin(state.global_step + 1)
+                    clock.timer.add("data", batch.wait_s)
+                    sync, scale = accumulation_window(
+                        state.step_in_epoch, steps_per_epoch, cfg.parallel.accumulate_steps
+                    )
+                    result = rank_step(world, guard, faults, strategy, batch, state.global_step + 1, clock.timer,
+                                       sync, scale * scaler.scale)  # fmt: skip
+                    verdict, grad_norm, lr = Verdict(), None, optimizer.param_groups[0]["lr"]
+                    if sync:  # the sync point: gradients are summed; one small Allreduce for stop requests and NaN/Inf
+                        with clock.timer.phase("comm"):
+                            step = state.global_step + 1
+                            verdict = guard.after_sync(step, result.loss_sum, state.skipped_steps, rows=batch.indices)
+                        with clock.timer.phase("optimizer"):
+                            grad_norm = update(
+                                cfg, strategy, optimizer, scaler, verdict, steps_log.due(step), clock.timer
+                            )
+                            scheduler.step()  # the rate follows the position, a skipped step included
+                    counted = result.vector(len(sums)) if verdict.apply else 0.0
+                    sums += counted
+                    steps_log.sums += counted
+                    state.skipped_steps += 0 if verdict.apply else 1
+                    state.advance()
+                    faults.step_end(state.global_step, strategy.params)
+                    if sync:
+                        guard.check_replicas(state.global_step)
+                    watchdog.end()
+                    clock.step_done(batch.global_count)
+                    if sync:
+                        steps_log.step_end(state, steps_per_epoch, lr, grad_norm)
+                    bar.postfix = f"loss={sums[0] / max(sums[-1], 1):.4f}"
+                    bar.update(1)
+                    if sync and cfg.run.checkpoint_every and state.global_step % cfg.run.checkpoint_every == 0:
+                        saving.save()
+                    stop_signal = verdict.stop_signal
+                    if stop_signal or state.global_step >= last_step:
+                        break
+            if stop_signal:
+                break  # no evaluation: checkpoint and go
+            epoch = state.end_epoch(steps_per_epoch)
+            history = epoch_record(world, strategy, val_loader, sums, epoch, state.global_step)
+            log.write(event="epoch", **history)
+            steps_log.epoch(history)
+            stopped_early = watch_best(cfg, world, best, history, saving, log)
+    except TrialFailed:  # a contained group's trial failed on every rank: end this run's threads, go on
+        watchdog.close()
+        steps_log.events.close()
+        guard.signals.uninstall()
+        raise
     elapsed = time.perf_counter() - began
     watchdog.close()
     steps_log.events.close()
@@ -219,6 +214,72 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts:
     if stopped_early:
         history = {**history, "stopped_early": True, "best_epoch": best.best_epoch, f"best_{best.metric}": best.best}
     return finish(cfg, world, strategy, setup, state, clock, history, elapsed, log)
+
+
+def rank_step(
+    world: World, guard: StepGuard, faults: Injector, strategy: Strategy, batch: Batch, step: int, timer: PhaseTimer,
+    sync: bool, scale: float,
+) -> StepResult:  # fmt: skip
+    """This rank's forward and backward (injected faults first). In a contained world (a sweep's group) a step
+    that raises is said at the next sync point, where it ends the trial on every rank; meanwhile this rank
+    stands in with no rows, so that its peers' collectives still complete."""
+    try:
+        faults.step_start(step, batch)
+        return strategy.train_step(batch, timer, sync=sync, scale=scale)
+    except Exception as exc:
+        if not world.contained:
+            raise
+        guard.failure = guard.failure or (str(exc) if isinstance(exc, HpcdlError) else f"{type(exc).__name__}: {exc}")
+        strategy.zero_grad()
+        empty = Batch(
+            batch.x[:0],
+            batch.y[:0],
+            batch.global_count,
+            indices=batch.indices[:0] if batch.indices is not None else None,
+        )
+        return strategy.train_step(empty, timer, sync=sync, scale=scale)
+
+
+def watch_best(cfg: Config, world: World, best: BestEpoch, history: dict[str, Any], saving: Saving,
+               log: JsonlLog) -> bool:  # fmt: skip
+    """After an epoch: keep best.pt if it is the best so far; True when early stopping ends the run here."""
+    if best.update(history) and cfg.run.keep_best:
+        saving.save_best()
+    if not best.should_stop:
+        return False
+    epoch = history["epoch"]
+    world.log(
+        f"hpcdl: early stop after epoch {epoch:g}: {best.metric} has not improved for {best.patience} epochs "
+        f"(best {best.best:.6g} at epoch {best.best_epoch:g})"
+    )
+    log.write(event="early_stop", epoch=epoch, metric=best.metric, best=best.best, best_epoch=best.best_epoch)
+    return True
+
+
+def restore(strategy: Strategy, optimizer: torch.optim.Optimizer, scheduler: Scheduler, saved: dict | None,
+            accumulate: int) -> None:  # fmt: skip
+    """A resumed run's optimizer, layout-own state, schedule and RNG; replicas' optimizers made equal."""
+    if saved:
+        strategy.load_optimizer_state(optimizer, saved["optimizer"])
+        strategy.load_local_state(optimizer, saved.get("local"))
+        restore_scheduler(scheduler, saved, accumulate)
+        checkpoint.restore_rng(saved.get("rng"))
+    strategy.sync_optimizer(optimizer)
+
+
+def update(
+    cfg: Config, strategy: Strategy, optimizer: torch.optim.Optimizer, scaler: LossScaler, verdict: Verdict,
+    measure: bool, timer: PhaseTimer,
+) -> float | None:  # fmt: skip
+    """The optimizer step the guard allowed (loss scale undone, gradients clipped); gradients zeroed either way.
+    Returns the gradient norm when clipped or `measure`d."""
+    grad_norm = None
+    if verdict.apply:
+        scaler.unscale(strategy.params)
+        grad_norm = clip_or_measure(cfg, strategy, measure)
+        strategy.optimizer_step(optimizer, timer)
+    strategy.zero_grad()
+    return grad_norm
 
 
 def clip_or_measure(cfg: Config, strategy: Strategy, wanted: bool) -> float | None:
@@ -350,6 +411,7 @@ class Saving:
         return {
             "model": self.strategy.model_state(),
             "optimizer": self.strategy.optimizer_state(self.optimizer),
+            "local": self.strategy.local_state(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "best": self.best.to_checkpoint(),
             "loss_scale": self.scaler.to_checkpoint(),
@@ -392,6 +454,7 @@ def finish(
         comm_bytes_per_step=strategy.bytes_per_sync / cfg.parallel.accumulate_steps,
         param_digest=checkpoint.parameter_digest(weights),
         skipped_steps=state.skipped_steps,
+        **strategy.summary(),
     )  # fmt: skip
     log.write(event="summary", **summary)
     if world.is_root:

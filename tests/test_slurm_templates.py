@@ -99,7 +99,7 @@ def test_templates_share_one_launch_block_and_requeue():
         text = (TEMPLATES_DIR / f"{name}.sbatch").read_text()
         subprocess.run(["bash", "-n", TEMPLATES_DIR / f"{name}.sbatch"], check=True, timeout=30)
         assert {"CONFIG", "HPCDL_ARGS", "HPCDL_PYTHON"} <= template_knobs(TEMPLATES_DIR / f"{name}.sbatch").keys()
-        if name in TRAINING:
+        if name in (*TRAINING, "sweep"):  # the sweep's block launches `hpcdl sweep`; it requeues the same way
             assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", text, re.MULTILINE), name
             assert re.search(r"^#SBATCH --requeue$", text, re.MULTILINE), name
 
@@ -239,6 +239,18 @@ def test_pipeline_template_runs_hybrid(cluster, capsys, datasets, tmp_path):
     steps = read_summary(tmp_path / "pipe")["step"]
     expected = reference_train(datasets["digits"], DIGITS_MODEL, seed=0, batch=64, steps=steps, lr=LR)
     assert_close_states(final_model(tmp_path / "pipe"), expected)
+
+
+@pytest.mark.slurm
+def test_sweep_template_trains_its_trials_on_groups(cluster, capsys, datasets, tmp_path):
+    grid = "--knob=HPCDL_ARGS=--groups 2 --grid train.lr=0.02,0.05"
+    job = submit(capsys, tmp_path, "sweep", "--ntasks-per-node=2", "--run-dir=sweep", grid, *data_args(datasets, *SGD))
+    info, log = finished(job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert "hpcdl sweep: 2 trials on 2 group(s) of 1 rank(s)" in log, log
+    trials = json.loads((tmp_path / "sweep" / "results.json").read_text())["trials"]
+    assert sorted(t["overrides"]["train.lr"] for t in trials) == ["0.02", "0.05"]
+    assert all(t["status"] == "ok" and t["metric"] > 0.5 for t in trials), trials
 
 
 @pytest.mark.slurm

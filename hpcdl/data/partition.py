@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+NO_ROWS = np.empty(0, dtype=np.int64)
 # Local batches per shuffle window of the `block` scheme: reads stay sequential, batches still mix.
 WINDOW_BATCHES = 8
 
@@ -33,7 +34,7 @@ WINDOW_BATCHES = 8
 class DataShare:
     """Which data a rank reads: share `rank` of the `size` shares of each global batch, and its feature columns."""
 
-    rank: int
+    rank: int | None  # None: this rank reads no rows (a parameter server), yet steps through the same batches
     size: int
     columns: tuple[int, int] | None = None  # [c0, c1) of every sample's features; None: all of them
 
@@ -71,7 +72,7 @@ class Partition:
         self,
         n: int,
         batch_size: int,
-        rank: int,
+        rank: int | None,
         size: int,
         seed: int,
         scheme: str = "global",
@@ -81,7 +82,6 @@ class Partition:
         self.n, self.batch_size, self.rank, self.size = n, batch_size, rank, size
         self.seed, self.scheme, self.shuffle, self.drop_last = seed, scheme, shuffle, drop_last
         self.blocks = block_sizes(n, size)
-        self.block_start = int(self.blocks[:rank].sum())
 
     def steps_per_epoch(self) -> int:
         """Steps in one epoch; the same on every rank, so collectives stay matched."""
@@ -90,30 +90,38 @@ class Partition:
 
     def owned_range(self) -> tuple[int, int]:
         """The [start, stop) rows this rank can ever read: what it may cache."""
+        if self.rank is None:
+            return 0, 0
         if self.scheme == "block":
-            return self.block_start, self.block_start + int(self.blocks[self.rank])
+            start = int(self.blocks[: self.rank].sum())
+            return start, start + int(self.blocks[self.rank])
         return 0, self.n
 
     def epoch(self, epoch: int) -> list[StepPlan]:
-        """This rank's plan for every step of `epoch`."""
-        return self._global(epoch) if self.scheme == "global" else self._block(epoch)
+        """This rank's plan for every step of `epoch` (empty rows for a rank that reads none)."""
+        if self.rank is None:
+            return [StepPlan(NO_ROWS, plan.global_count) for plan in self._plans(epoch, 0)]
+        return self._plans(epoch, self.rank)
 
-    def _global(self, epoch: int) -> list[StepPlan]:
+    def _plans(self, epoch: int, rank: int) -> list[StepPlan]:
+        return self._global(epoch, rank) if self.scheme == "global" else self._block(epoch, rank)
+
+    def _global(self, epoch: int, rank: int) -> list[StepPlan]:
         order = np.arange(self.n)
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
         plans = []
         for step in range(self.steps_per_epoch()):
             batch = order[step * self.batch_size : (step + 1) * self.batch_size]
-            local = np.array_split(batch, self.size)[self.rank]
+            local = np.array_split(batch, self.size)[rank]
             plans.append(StepPlan(local, len(batch)))
         return plans
 
-    def _block(self, epoch: int) -> list[StepPlan]:
-        start, stop = self.owned_range()
-        order = np.arange(start, stop)
+    def _block(self, epoch: int, rank: int) -> list[StepPlan]:
+        start = int(self.blocks[:rank].sum())
+        order = np.arange(start, start + int(self.blocks[rank]))
         if self.shuffle:
-            order = self._windowed_shuffle(order, np.random.default_rng([self.seed, epoch, self.rank]))
+            order = self._windowed_shuffle(order, np.random.default_rng([self.seed, epoch, rank]))
         steps = self.steps_per_epoch()
         if self.drop_last:
             local_batch = self.batch_size // self.size

@@ -55,7 +55,28 @@ def _columns(cfg: Config, layout: Layout, world: World, model: nn.Module, shape,
     return ColumnParallel(model, world, layout)
 
 
-STRATEGIES: dict[str, Maker] = {"data": _data, "pipeline": _pipeline, "tensor": _tensor, "columns": _columns}
+def _local_sgd(cfg: Config, layout: Layout, world: World, model: nn.Module, shape, state) -> Strategy:
+    from hpcdl.parallel.local_sgd import LocalSGD
+
+    par = cfg.parallel
+    return LocalSGD(
+        model, world, par.local_steps, par.post_local_steps, par.average_optimizer, par.bucket_mb, par.overlap
+    )
+
+
+def _parameter_server(cfg: Config, layout: Layout, world: World, model: nn.Module, shape, state) -> Strategy:
+    from hpcdl.parallel.param_server import ParameterServer
+
+    par = cfg.parallel
+    return ParameterServer(
+        model, world, layout.servers, layout.mode == "ps-async", par.max_staleness, par.deterministic
+    )
+
+
+STRATEGIES: dict[str, Maker] = {
+    "data": _data, "pipeline": _pipeline, "tensor": _tensor, "columns": _columns,
+    "local-sgd": _local_sgd, "ps-sync": _parameter_server, "ps-async": _parameter_server,
+}  # fmt: skip
 
 
 def make_strategy(

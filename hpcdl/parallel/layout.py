@@ -22,6 +22,14 @@ from hpcdl.parallel.grid import Grid
 
 # The axis each mode splits along besides the replicas, and the config key that sizes it.
 SPLIT_AXIS = {"pipeline": ("stage", "stages"), "tensor": ("tensor", "tensor")}
+# Parameter-server modes: the first `parallel.servers` ranks hold the parameters; the others split the batch.
+SERVER_MODES = ("ps-sync", "ps-async")
+# Keys that mean something in some modes only: set in another mode, they are refused rather than ignored.
+MODE_KEYS = {
+    "stages": ("pipeline",), "replicas": ("pipeline", "tensor"), "tensor": ("tensor",),
+    "local_steps": ("local-sgd",), "post_local_steps": ("local-sgd",), "average_optimizer": ("local-sgd",),
+    "servers": SERVER_MODES, "max_staleness": ("ps-async",), "deterministic": ("ps-async",),
+}  # fmt: skip
 # Layers allowed between a column- and a row-parallel Linear: elementwise, without parameters or randomness.
 ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.Identity)
 
@@ -43,10 +51,16 @@ class Layout:
     micro_batches: int = 1  # pipeline: micro-batches per global batch
     batch_size: int = 0  # the global batch; 0: not known here (a Pipeline built from a script)
     cuts: tuple[int, ...] = ()  # pipeline: layer indices where stages 2..S begin
+    servers: int = 0  # ps-sync/ps-async: ranks 0..servers-1 hold the parameters and read no data
 
     def __post_init__(self) -> None:
         if self.mode in SPLIT_AXIS:
             self._check_degrees()
+        if self.mode in SERVER_MODES and self.servers >= self.world_size:
+            raise ConfigError(
+                f"config: parallel.servers = {self.servers} leaves no worker among the job's {self.world_size} "
+                f"ranks; use at most {max(1, self.world_size - 1)} server(s) and run on at least 2 ranks"
+            )
         batch, parts = self.batch_size, self.batch_parts
         if batch and batch % parts:
             raise ConfigError(self._batch_message(batch, parts))
@@ -59,17 +73,30 @@ class Layout:
     @classmethod
     def from_config(cls, cfg: Config, world_size: int) -> Layout:
         """The layout the config asks for on `world_size` ranks; a ConfigError says what would work."""
-        par = cfg.parallel
-        if par.mode not in SPLIT_AXIS:
-            for key in ("stages", "replicas", "tensor"):
-                if getattr(par, key) != 1:
+        par, default = cfg.parallel, type(cfg.parallel)()
+        for key, modes in MODE_KEYS.items():
+            if par.mode not in modes and getattr(par, key) != getattr(default, key):
+                raise ConfigError(
+                    f"config: parallel.{key} is only used with parallel.mode = "
+                    + " or ".join(f"'{mode}'" for mode in modes)
+                )
+        if par.mode == "ps-async":
+            # Each gradient is applied alone as it arrives: a whole-batch norm, loss scale or sum does not exist.
+            for name, value, off in (("train.clip_grad_norm", cfg.train.clip_grad_norm, 0.0),
+                                     ("train.precision", cfg.train.precision, "fp32"),
+                                     ("parallel.accumulate_steps", par.accumulate_steps, 1)):  # fmt: skip
+                if value != off and not (name == "train.precision" and value == "bf16"):
                     raise ConfigError(
-                        f"config: parallel.{key} is only used with parallel.mode = 'pipeline' or 'tensor'"
+                        f"config: {name} = {value!r} is not available with parallel.mode = 'ps-async' (the servers "
+                        "apply each worker's gradient alone as it arrives); use ps-sync, or leave it off"
                     )
-        replicas = par.replicas if par.mode in SPLIT_AXIS else (1 if par.mode == "columns" else world_size)
+        servers = par.servers if par.mode in SERVER_MODES else 0
+        replicas = {"columns": 1}.get(par.mode, world_size - servers)
+        if par.mode in SPLIT_AXIS:
+            replicas = par.replicas
         return cls(
             par.mode, world_size, replicas, par.stages, par.tensor,
-            par.micro_batches if par.mode == "pipeline" else 1, cfg.train.batch_size, tuple(par.cuts),
+            par.micro_batches if par.mode == "pipeline" else 1, cfg.train.batch_size, tuple(par.cuts), servers,
         )  # fmt: skip
 
     # -- what derives from it
@@ -121,6 +148,16 @@ class Layout:
             linear_pairs(model, self.world_size // self.replicas)
         elif self.mode == "columns":
             self._check_columns(model)
+        elif self.mode in SERVER_MODES:
+            trained = [p for p in model.parameters() if p.requires_grad]
+            count = len(trained)
+            if self.mode == "ps-async" and len({p.dtype for p in trained}) > 1:
+                raise ConfigError("config: parallel.mode = 'ps-async' needs a model whose parameters share one dtype")
+            if count < self.servers:
+                raise ConfigError(
+                    f"config: parallel.servers = {self.servers} but the model has only {count} parameter tensors "
+                    f"to deal out; use at most {count} servers"
+                )
 
     def check_stages(self, layers: list[nn.Module]) -> None:
         """`stages` stages can be made of `layers` (at `cuts`, if named)."""
@@ -163,10 +200,15 @@ class Layout:
 
     def _batch_message(self, batch: int, parts: int) -> str:
         good = _example_multiple(batch, parts)
-        if self.mode == "data":
+        if self.mode in ("data", "local-sgd"):
             return (
                 f"config: train.batch_size = {batch} is not divisible by the {parts} ranks; "
                 f"use a multiple of {parts} (e.g. {good})"
+            )
+        if self.mode in SERVER_MODES:
+            return (
+                f"config: train.batch_size = {batch} is not divisible by the {parts} workers ({self.world_size} "
+                f"ranks less {self.servers} server(s)); use a multiple of {parts} (e.g. {good})"
             )
         return (
             f"config: train.batch_size = {batch} does not split into {self.replicas} replica(s) x "

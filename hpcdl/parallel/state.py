@@ -38,13 +38,21 @@ def gather_model_state(grid: Grid, axis: str, own: dict[str, torch.Tensor], dims
 
 def gather_optimizer_state(grid: Grid, axis: str, own: dict, global_ids: list[int], dims: dict[int, int]) -> dict:
     """The optimizer's state keyed by the unsplit model's parameter indices, joined on world rank 0."""
-    mine = {
+    mine = keyed_optimizer_state(own, global_ids)
+    parts = grid.gather_on_root(axis, mine)
+    return mine if parts is None else join_optimizer_states(parts, dims)
+
+
+def keyed_optimizer_state(own: dict, global_ids: list[int]) -> dict:
+    """An optimizer's state_dict over a part of the model, keyed by the unsplit model's parameter indices."""
+    return {
         "state": {global_ids[i]: entry for i, entry in own["state"].items()},
         "param_groups": [{**g, "params": [global_ids[i] for i in g["params"]]} for g in own["param_groups"]],
     }
-    parts = grid.gather_on_root(axis, mine)
-    if parts is None:
-        return mine
+
+
+def join_optimizer_states(parts: list[dict], dims: dict[int, int]) -> dict:
+    """The unsplit optimizer's state from every part's keyed state (blocks of split parameters along `dims`)."""
     state = {}
     for gid in sorted({gid for part in parts for gid in part["state"]}):
         entries = [part["state"][gid] for part in parts if gid in part["state"]]

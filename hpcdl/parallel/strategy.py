@@ -100,6 +100,24 @@ class Strategy(ABC):
                     param.grad.mul_(factor)
         return norm
 
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, timer: PhaseTimer) -> None:
+        """Apply the step's final gradients: the optimizer's step and what the layout does around it
+        (parameter servers push and pull, local SGD averages)."""
+        with timer.phase("optimizer"):
+            optimizer.step()
+
+    def local_state(self, optimizer: torch.optim.Optimizer) -> dict | None:
+        """What only a resume on the same ranks needs beyond the unsplit model and optimizer (every rank's own
+        weights while they differ), complete on rank 0; None when nothing (a collective)."""
+        return None
+
+    def load_local_state(self, optimizer: torch.optim.Optimizer, state: dict | None) -> None:  # noqa: B027
+        """Restore this rank's part of `local_state`, when the checkpoint holds one for this world size."""
+
+    def summary(self) -> dict:
+        """The strategy's own figures for the run summary, the same on every rank (a collective)."""
+        return {}
+
     def zero_grad(self) -> None:
         """Zero this rank's gradients in place for the next step."""
         for p in self.params:

@@ -5,7 +5,7 @@ CLUSTER_DIR := $(dir $(lastword $(MAKEFILE_LIST)))
 NODES ?= 2
 LINK ?=
 
-.PHONY: cluster-up cluster-down scale-cluster
+.PHONY: cluster-up cluster-down scale-cluster strategies-cluster
 
 cluster-up:  ## start the nodes, slurmctld and a slurmd per node (installs what is missing)
 	NODES=$(NODES) LINK=$(LINK) $(CLUSTER_DIR)up.sh
@@ -33,3 +33,15 @@ scale-cluster: $(STAMP)
 	done
 	NODES=2 LINK= $(CLUSTER_DIR)up.sh
 	$(PY) -m hpcdl scale report $(foreach link,$(SCALE_LINKS),runs/scale-cluster-$(link)) --out docs/scaling/cluster
+
+# The README's regimes of the synchronisation strategies: at each link speed, `hpcdl bench strategies` with one
+# rank per node (parameter servers: node1 serves, node2 works), the projection calibrated on that link's bench.
+strategies-cluster: $(STAMP)
+	mkdir -p docs/strategies
+	for link in $(SCALE_LINKS); do \
+	  NODES=2 LINK=$$link $(CLUSTER_DIR)up.sh && \
+	  $(CLUSTER_RUN) $(PY) -m hpcdl bench strategies --launcher mpiexec --per-node 1 --ranks 2 --batch 96 \
+	    --set 'model.hidden=[256,256]' --epochs 8 --repeats 3 --target 0.95 \
+	    --comm docs/scaling/cluster/comm-$$link.json --json docs/strategies/cluster-$$link.json || exit 1; \
+	done
+	NODES=2 LINK= $(CLUSTER_DIR)up.sh
