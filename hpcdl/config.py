@@ -111,7 +111,7 @@ MODEL_NAMES = ("mlp", "cnn", "rnn")
 # Floating-point types a model may train in (hpcdl.models.torch_dtype maps them).
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 # Ways of splitting the work (hpcdl.parallel makes the strategy of each).
-MODES = ("data", "pipeline", "tensor", "columns", "local-sgd", "ps-sync", "ps-async")
+MODES = ("data", "pipeline", "tensor", "columns", "local-sgd", "ps-sync", "ps-async", "zero")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -220,6 +220,7 @@ class ParallelConfig:
     """How the work is split across ranks."""
 
     # data | pipeline | tensor | columns (mlp: each rank reads its feature columns) | local-sgd | ps-sync | ps-async
+    # | zero (sharded data parallel)
     mode: str = "data"
     bucket_mb: float = number(25.0, ABOVE_ZERO)  # gradient bucket size: one Iallreduce per bucket
     overlap: bool = True  # start each bucket's Allreduce during backward
@@ -239,6 +240,7 @@ class ParallelConfig:
     servers: int = number(1, POSITIVE)  # ps-sync/ps-async: the first ranks, holding the parameters
     max_staleness: int = number(4, NON_NEGATIVE)  # ps-async: updates a worker's parameters may lag the servers'
     deterministic: bool = False  # ps-async: servers apply gradients in worker order, not as they arrive
+    zero_stage: int = number(2, Range(1, high=3))  # zero: 1 splits the optimizer state, 2 also the summed gradients
 
     def check(self) -> None:
         _choice("parallel.mode", self.mode, MODES)

@@ -35,7 +35,7 @@ FREE_TO_CHANGE = {
     "data": {"cache_mb", "prefetch", "scan", "path"},
     "parallel": {"bucket_mb", "overlap", "compression", "accumulate_steps", "micro_batches", "schedule", "balance",
                  "cuts", "stages", "replicas", "tensor", "mode", "local_steps", "post_local_steps",
-                 "average_optimizer", "servers", "max_staleness", "deterministic"},
+                 "average_optimizer", "servers", "max_staleness", "deterministic", "zero_stage"},
 }  # fmt: skip
 # A batch size change moves every later step's samples: allowed only where the position converts exactly.
 BATCH_KEY = ("train", "batch_size")

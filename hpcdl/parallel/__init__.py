@@ -73,9 +73,15 @@ def _parameter_server(cfg: Config, layout: Layout, world: World, model: nn.Modul
     )
 
 
+def _zero(cfg: Config, layout: Layout, world: World, model: nn.Module, shape, state) -> Strategy:
+    from hpcdl.parallel.zero import ZeroDataParallel
+
+    return ZeroDataParallel(model, world, cfg.parallel.zero_stage)
+
+
 STRATEGIES: dict[str, Maker] = {
     "data": _data, "pipeline": _pipeline, "tensor": _tensor, "columns": _columns,
-    "local-sgd": _local_sgd, "ps-sync": _parameter_server, "ps-async": _parameter_server,
+    "local-sgd": _local_sgd, "ps-sync": _parameter_server, "ps-async": _parameter_server, "zero": _zero,
 }  # fmt: skip
 
 

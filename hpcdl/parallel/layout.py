@@ -28,7 +28,7 @@ SERVER_MODES = ("ps-sync", "ps-async")
 MODE_KEYS = {
     "stages": ("pipeline",), "replicas": ("pipeline", "tensor"), "tensor": ("tensor",),
     "local_steps": ("local-sgd",), "post_local_steps": ("local-sgd",), "average_optimizer": ("local-sgd",),
-    "servers": SERVER_MODES, "max_staleness": ("ps-async",), "deterministic": ("ps-async",),
+    "servers": SERVER_MODES, "max_staleness": ("ps-async",), "deterministic": ("ps-async",), "zero_stage": ("zero",),
 }  # fmt: skip
 # Layers allowed between a column- and a row-parallel Linear: elementwise, without parameters or randomness.
 ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.Identity)
@@ -148,6 +148,8 @@ class Layout:
             linear_pairs(model, self.world_size // self.replicas)
         elif self.mode == "columns":
             self._check_columns(model)
+        elif self.mode == "zero" and len({p.dtype for p in model.parameters() if p.requires_grad}) > 1:
+            raise ConfigError("config: parallel.mode = 'zero' needs a model whose parameters share one dtype")
         elif self.mode in SERVER_MODES:
             trained = [p for p in model.parameters() if p.requires_grad]
             count = len(trained)
@@ -200,7 +202,7 @@ class Layout:
 
     def _batch_message(self, batch: int, parts: int) -> str:
         good = _example_multiple(batch, parts)
-        if self.mode in ("data", "local-sgd"):
+        if self.mode in ("data", "local-sgd", "zero"):
             return (
                 f"config: train.batch_size = {batch} is not divisible by the {parts} ranks; "
                 f"use a multiple of {parts} (e.g. {good})"
