@@ -62,6 +62,6 @@ def test_zero_2_saved_at_4_ranks_resumes_as_data_parallel_at_2(datasets, tmp_pat
     assert stopped.returncode == EXIT_REQUEUE, stopped.stderr
     resumed = train(datasets, parts, 2, *sets, extra=("--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed at step 6" in resumed.stdout and "parallel.mode: 'zero' -> 'data'" in resumed.stdout
+    assert "resumed at step 6" in resumed.stdout and "parallel.mode changed: 'zero' -> 'data'" in resumed.stdout
     # Within tolerance, not bitwise: 2 ranks sum the gradients in another order than 4.
     assert_close_states(final_model(parts), final_model(tmp_path / "whole"))

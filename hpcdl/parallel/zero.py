@@ -146,8 +146,9 @@ class ZeroDataParallel(Strategy):
                 for key, value in parts[0].items()
             }
             for index, (p, offset) in enumerate(zip(self.whole, self.offsets)):
+                # A copy each, scalars too: Adam steps each parameter's "step" tensor in place.
                 state[index] = {
-                    key: value[offset : offset + p.numel()].view_as(p).clone() if _sliced(parts[0][key]) else value
+                    key: value[offset : offset + p.numel()].view_as(p).clone() if _sliced(value) else _copy(value)
                     for key, value in joined.items()
                 }
         return {"state": state, "param_groups": groups}
@@ -181,6 +182,10 @@ class ZeroDataParallel(Strategy):
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
         return {"zero": {"stage": self.stage, "per_rank": self.world.comm.allgather(mine)}}
+
+
+def _copy(value):
+    return value.clone() if torch.is_tensor(value) else value
 
 
 def _sliced(value) -> bool:
