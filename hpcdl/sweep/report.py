@@ -11,14 +11,15 @@ STATUS_ORDER = {"ok": 0, "stopped": 1, "failed": 2}
 
 
 def ranked(results: list[dict[str, Any] | None], mode: str) -> list[dict[str, Any]]:
-    """Trained trials best first: finished ones by their final metric, then stopped, then failed."""
+    """Trained trials best first: finished ones by epochs trained (halving's survivors first), then their final
+    metric; then stopped ones, then failed ones."""
     done = [r for r in results if r]
 
     def key(result: dict[str, Any]) -> tuple:
         metric = result.get("metric")
         missing = metric is None or (isinstance(metric, float) and math.isnan(metric))
         score = math.inf if missing else (-metric if mode == "max" else metric)
-        return STATUS_ORDER.get(result["status"], 3), score, result["trial"]
+        return STATUS_ORDER.get(result["status"], 3), -result.get("epochs", 0), score, result["trial"]
 
     return sorted(done, key=key)
 
