@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(BENCH) infer --json runs/bench-infer.json
 	$(BENCH) comm --json runs/bench-comm.json
 	$(BENCH) strategies --json runs/bench-strategies.json
+	$(BENCH) zero --json runs/bench-zero.json
 
 # The README's scaling study: MLP and CNN at 1 and 2 ranks, then tables, plots and a projection in docs/scaling.
 SCALE_RUN = PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m hpcdl scale run --ranks 1,2 --repeats 3 --no-report

@@ -78,7 +78,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _add_benchmarks(commands) -> None:
-    from hpcdl.bench import allreduce, comm, dp, infer, io, pipeline, strategies
+    from hpcdl.bench import allreduce, comm, dp, infer, io, pipeline, strategies, zero
 
     bench = commands.add_parser("bench", help="benchmarks: hpcdl and its peers side by side, ratios printed")
     kinds = bench.add_subparsers(dest="benchmark", required=True)
@@ -90,6 +90,7 @@ def _add_benchmarks(commands) -> None:
         ("pipeline", pipeline, "GPipe/1F1B pipeline vs torch.distributed.pipelining vs one process, bubble"),
         ("infer", infer, "distributed scoring, static vs dynamic schedule (one rank slowed) vs a plain torch loop"),
         ("strategies", strategies, "data parallel vs parameter servers (sync, async) vs local SGD: speed, bytes, time"),
+        ("zero", zero, "data parallel vs ZeRO-1/2 vs torch ZeroRedundancyOptimizer: speed, memory per rank"),
     ):
         parser = kinds.add_parser(name, help=summary)
         module.add_arguments(parser)

@@ -76,7 +76,7 @@ def _parameter_server(cfg: Config, layout: Layout, world: World, model: nn.Modul
 def _zero(cfg: Config, layout: Layout, world: World, model: nn.Module, shape, state) -> Strategy:
     from hpcdl.parallel.zero import ZeroDataParallel
 
-    return ZeroDataParallel(model, world, cfg.parallel.zero_stage)
+    return ZeroDataParallel(model, world, cfg.parallel.zero_stage, cfg.parallel.bucket_mb)
 
 
 STRATEGIES: dict[str, Maker] = {

@@ -7,9 +7,11 @@ gradients likewise; rank r's slice is a view too, so the optimizer's step writes
 and the Allgather fills the others' slices in place.
 
 Stage 1 sums the whole gradient with Allreduce (every rank holds it) and steps on its slice of it. Stage 2
-sums with Reduce_scatter: a rank receives the summed gradient of its slice only. Either way a step moves
-about what data parallel's Allreduce moves (Reduce_scatter + Allgather = Allreduce), while the optimizer
-state per rank falls as 1/N. The gradient sum waits for backward to end (no overlap with backward yet).
+sums with Reduce_scatter: a rank receives the summed gradient of its slice only, bucket by bucket as backward
+makes them (consecutive parameters in reverse order, `bucket_mb` each, cut as the data-parallel engine cuts
+them; a bucket's region can span several ranks' slices: Reduce_scatter with uneven counts). Either way a
+step moves about what data parallel's Allreduce moves (Reduce_scatter + Allgather = Allreduce), while the
+optimizer state per rank falls as 1/N.
 
 Checkpoints hold the whole model and the whole optimizer state keyed as data parallel's (the slices joined on
 rank 0, cut again on load), so a ZeRO run resumes as data parallel and back, at any number of ranks.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import math
 import resource
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,14 +31,32 @@ from hpcdl.data.loader import Batch
 from hpcdl.data.partition import DataShare
 from hpcdl.metrics import PhaseTimer
 from hpcdl.parallel.data import broadcast_module
+from hpcdl.parallel.grad_sync import group_parameters
 from hpcdl.parallel.loss import zero_contribution
 from hpcdl.parallel.strategy import StepResult, Strategy
+
+
+@dataclass
+class SliceBucket:
+    """Consecutive parameters whose summed gradients travel in one Reduce_scatter, as soon as all are final."""
+
+    params: list[nn.Parameter]
+    begin: int  # their region [begin, end) of the flat space
+    end: int
+    counts: list[int]  # how much of the region each rank's slice holds
+    received: torch.Tensor  # this rank's part: a view into its slice's summed gradient
+    ready: int = 0
+    request: object = None
+
+    @property
+    def complete(self) -> bool:
+        return self.ready == len(self.params)
 
 
 class ZeroDataParallel(Strategy):
     """Data parallel whose optimizer state (stage 1) and summed gradients (stage 2) are split over the ranks."""
 
-    def __init__(self, model: nn.Module, world: World, stage: int = 2):
+    def __init__(self, model: nn.Module, world: World, stage: int = 2, bucket_mb: float = 25.0):
         self.model, self.world, self.stage = model, world, stage
         self.whole = [p for p in model.parameters() if p.requires_grad]
         self.share = DataShare(world.rank, world.size)
@@ -61,6 +82,39 @@ class ZeroDataParallel(Strategy):
         self.params, self.param_names = [self.shard], [f"parameters {own.start}..{own.stop - 1} of {self.numel}"]
         self.split_group = world
         self.optimizer_bytes = 0  # this rank's optimizer state, counted after each step
+        self.index = {id(p): i for i, p in enumerate(self.whole)}
+        self.buckets = [self._bucket(group) for group in group_parameters(self.whole, int(bucket_mb * 2**20))]
+        self.bucket_of = {id(p): bucket for bucket in self.buckets for p in bucket.params}
+        self.syncing, self.started = False, 0
+        if stage == 2:
+            for p in self.whole:
+                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    def _bucket(self, params: list[nn.Parameter]) -> SliceBucket:
+        """A group of consecutive parameters: its region of the flat space and each rank's part of it."""
+        first, last = min(self.index[id(p)] for p in params), max(self.index[id(p)] for p in params)
+        begin, end = self.offsets[first], self.offsets[last] + self.whole[last].numel()
+        counts = [
+            max(0, min(end, (r + 1) * self.slice_len) - max(begin, r * self.slice_len)) for r in range(self.world.size)
+        ]
+        mine = max(begin, self.start) - self.start
+        return SliceBucket(params, begin, end, counts, self.shard.grad[mine : mine + counts[self.world.rank]])
+
+    def _on_grad_ready(self, param: nn.Parameter) -> None:
+        """Stage 2, in a step that syncs: start the buckets whose gradients are all final, in index order."""
+        if not self.syncing:
+            return
+        self._keep_grad_view(param)
+        self.bucket_of[id(param)].ready += 1
+        while self.started < len(self.buckets) and self.buckets[self.started].complete:
+            self._start(self.buckets[self.started])
+
+    def _start(self, bucket: SliceBucket) -> None:
+        """Sum one bucket over the ranks, each receiving its part of it (Reduce_scatter with uneven counts)."""
+        self.started += 1
+        bucket.request = self.world.comm.Ireduce_scatter(
+            buffer(self.flat_grads[bucket.begin : bucket.end]), buffer(bucket.received), bucket.counts, op=mpi().SUM
+        )
 
     # -- the step
 
@@ -75,24 +129,36 @@ class ZeroDataParallel(Strategy):
                 result = self.objective.counted(outputs, batch.y, loss.item() * batch.global_count)
             else:
                 loss, result = zero_contribution(self.model), StepResult()
+        self.syncing = sync and self.stage == 2  # stage 2: buckets reduce-scatter as backward makes them
         with timer.phase("backward"):
             (loss * scale if scale != 1.0 else loss).backward()
-        self._keep_grad_views()
+        self.syncing = False
+        for p in self.whole:
+            self._keep_grad_view(p)
         if sync:
             with timer.phase("comm"):
                 if self.stage == 1:
                     self.world.comm.Allreduce(mpi().IN_PLACE, buffer(self.flat_grads), op=mpi().SUM)
                 else:
-                    self.world.comm.Reduce_scatter_block(buffer(self.flat_grads), buffer(self.shard.grad), op=mpi().SUM)
+                    self._finish()
         return result
 
-    def _keep_grad_views(self) -> None:
+    def _finish(self) -> None:
+        """Start the buckets not started yet (parameters backward did not reach), in order; wait for all."""
+        while self.started < len(self.buckets):
+            self._start(self.buckets[self.started])
+        mpi().Request.Waitall([b.request for b in self.buckets])
+        for bucket in self.buckets:
+            bucket.request, bucket.ready = None, 0
+        self.started = 0
+
+    def _keep_grad_view(self, p: nn.Parameter) -> None:
         """Autograd accumulates into an existing .grad in place; one it made anew is moved into the flat buffer."""
-        for p, offset in zip(self.whole, self.offsets):
-            view = self.flat_grads[offset : offset + p.numel()]
-            if p.grad.data_ptr() != view.data_ptr():
-                view.copy_(p.grad.reshape(-1))
-                p.grad = view.view_as(p)
+        offset = self.offsets[self.index[id(p)]]
+        view = self.flat_grads[offset : offset + p.numel()]
+        if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
+            view.copy_(p.grad.reshape(-1))
+            p.grad = view.view_as(p)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, timer: PhaseTimer) -> None:
         """Step this rank's slice, then every rank's slices gathered into every rank's flat parameters."""
