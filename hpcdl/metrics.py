@@ -36,6 +36,9 @@ class PhaseTimer:
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Time the enclosed block under `name`; a phase inside it counts under its own name only."""
+        if name == self.current:  # the same phase opened again inside itself is already being timed
+            yield
+            return
         began, outer = time.perf_counter(), self.current
         self.current = name
         self.nested.append(0.0)

@@ -108,7 +108,7 @@ def test_submit_rejects_bad_knobs_before_submitting(capsys, tmp_path):
     cases = {
         ("train", "--nodes=0"): "--nodes must be an integer >= 1, got 0",
         ("train", "--ntasks-per-node=-2"): "--ntasks-per-node must be an integer >= 1",
-        ("trian",): "unknown template 'trian' (templates: pipeline, scaling, train, train-gpu",
+        ("trian",): "unknown template 'trian' (templates: pipeline, scaling, sweep, train, train-gpu",
         ("train", f"--config={tmp_path}/missing.toml"): f"config: file {tmp_path}/missing.toml does not exist",
         ("train", "--set=train.epochs=0"): "config: train.epochs must be a positive integer",
         ("train", "--knob=STAGES=2"): "template train has no knob STAGES",
