@@ -8,16 +8,24 @@ A Horovod call hpcdl does not offer raises HpcdlError at call time, naming what 
 Handles returned by the `*_async` functions are objects, not integers; pass them to
 `synchronize` or `poll` as with Horovod.
 
-Modules: basics (init, world queries), reductions (allreduce), collectives (handles, allgather,
-broadcast, alltoall, join, barrier), compression, optimizer (DistributedOptimizer, broadcasts of
-parameters and optimizer state), refused (what is not offered).
+Every tensor collective first agrees across ranks on its metadata (shape, dtype, root, splits), so a
+mismatch raises Horovod's exception type on every rank instead of hanging; the synchronous forms are
+autograd functions with Horovod's gradients; `process_set=` runs a collective on a sub-communicator.
+
+Modules: basics (init, world queries), errors (Horovod's exception types), process_sets, handles
+(async handles, names), agreement (cross-rank metadata checks), autograd, reductions (allreduce),
+collectives (allgather, broadcast, alltoall, join, barrier), scatter (reducescatter), sparse (sparse allreduce),
+compression, optimizer (DistributedOptimizer, parameter and optimizer-state broadcasts), refused (what is not offered).
 """
 
 from __future__ import annotations
 
 from hpcdl.horovod.basics import (
+    ccl_built,
     cross_rank,
     cross_size,
+    cuda_built,
+    ddl_built,
     gloo_built,
     gloo_enabled,
     init,
@@ -29,11 +37,11 @@ from hpcdl.horovod.basics import (
     mpi_threads_supported,
     nccl_built,
     rank,
+    rocm_built,
     shutdown,
     size,
 )
 from hpcdl.horovod.collectives import (
-    Handle,
     allgather,
     allgather_async,
     allgather_object,
@@ -45,12 +53,14 @@ from hpcdl.horovod.collectives import (
     broadcast_async,
     broadcast_async_,
     broadcast_object,
+    grouped_allgather,
     join,
-    poll,
-    synchronize,
 )
 from hpcdl.horovod.compression import Compression, Compressor, FP16Compressor, NoneCompressor
+from hpcdl.horovod.errors import HorovodInternalError
+from hpcdl.horovod.handles import Handle, poll, synchronize
 from hpcdl.horovod.optimizer import DistributedOptimizer, broadcast_optimizer_state, broadcast_parameters
+from hpcdl.horovod.process_sets import ProcessSet, add_process_set, global_process_set, remove_process_set
 from hpcdl.horovod.reductions import (
     Adasum,
     Average,
@@ -63,11 +73,13 @@ from hpcdl.horovod.reductions import (
     allreduce_async,
     allreduce_async_,
     grouped_allreduce,
+    grouped_allreduce_,
 )
 from hpcdl.horovod.refused import NOT_OFFERED, refused_attribute
+from hpcdl.horovod.scatter import grouped_reducescatter, reducescatter, reducescatter_async
+from hpcdl.horovod.sparse import sparse_allreduce_async
 
 __all__ = [
-    "NOT_OFFERED",
     "Adasum",
     "Average",
     "Compression",
@@ -75,11 +87,15 @@ __all__ = [
     "DistributedOptimizer",
     "FP16Compressor",
     "Handle",
+    "HorovodInternalError",
     "Max",
     "Min",
+    "NOT_OFFERED",
     "NoneCompressor",
+    "ProcessSet",
     "Product",
     "Sum",
+    "add_process_set",
     "allgather",
     "allgather_async",
     "allgather_object",
@@ -97,11 +113,18 @@ __all__ = [
     "broadcast_object",
     "broadcast_optimizer_state",
     "broadcast_parameters",
+    "ccl_built",
     "cross_rank",
     "cross_size",
+    "cuda_built",
+    "ddl_built",
+    "global_process_set",
     "gloo_built",
     "gloo_enabled",
+    "grouped_allgather",
     "grouped_allreduce",
+    "grouped_allreduce_",
+    "grouped_reducescatter",
     "init",
     "is_initialized",
     "join",
@@ -113,8 +136,13 @@ __all__ = [
     "nccl_built",
     "poll",
     "rank",
+    "reducescatter",
+    "reducescatter_async",
+    "remove_process_set",
+    "rocm_built",
     "shutdown",
     "size",
+    "sparse_allreduce_async",
     "synchronize",
 ]
 

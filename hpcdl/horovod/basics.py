@@ -18,7 +18,7 @@ def init(comm: Any = None, process_sets: Any = None) -> None:
     """Start MPI (once) and hpcdl's error handling: an uncaught exception on any rank ends every rank."""
     global _initialized
     if comm is not None or process_sets is not None:
-        not_offered("init(comm=...) / process sets", "hpcdl.init().split(color) for a sub-communicator")
+        not_offered("init(comm=..., process_sets=...)", "hvd.add_process_set(ranks) after hvd.init()")
     world_of_process()
     _initialized = True
 
@@ -99,4 +99,24 @@ def gloo_built() -> bool:
 
 def nccl_built() -> bool:
     """Always False: hpcdl's collectives run on CPU tensors through MPI."""
+    return False
+
+
+def ccl_built() -> bool:
+    """Always False: no oneCCL."""
+    return False
+
+
+def cuda_built() -> bool:
+    """Always False: hpcdl's collectives run on CPU tensors."""
+    return False
+
+
+def rocm_built() -> bool:
+    """Always False."""
+    return False
+
+
+def ddl_built() -> bool:
+    """Always False."""
     return False

@@ -1,179 +1,216 @@
-"""Horovod's handles and its non-reducing collectives: allgather, broadcast, alltoall, join, barrier.
+"""Horovod's non-reducing collectives: allgather, broadcast, alltoall, join, barrier, and object forms.
 
-Each is an MPI call on the tensors' memory (no copies where none are needed); the `*_async` forms
-return a Handle, which `synchronize` waits for and `poll` tests, as Horovod's integer handles.
+Each tensor collective first agrees on metadata across the set (agreement.py), then is one MPI call
+on the tensors' memory; the `*_async` forms return a Handle. The synchronous forms are differentiable
+with Horovod's gradients: allgather's is this rank's slice of the averaged gradient, broadcast's the
+averaged gradient on the root (zero elsewhere), alltoall's the reverse alltoall.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from hpcdl.comm import as_buffer, buffer, mpi_type
-from hpcdl.errors import HpcdlError
-from hpcdl.horovod.basics import current_world, size
-from hpcdl.horovod.refused import no_process_set
+from hpcdl.horovod.agreement import AFTER_DIM_0, SHAPE, SPLITS, WITH_ROOT, agreed, join_and_serve
+from hpcdl.horovod.autograd import differentiable
+from hpcdl.horovod.basics import current_world
+from hpcdl.horovod.errors import ArgumentError
+from hpcdl.horovod.handles import Handle, named, synchronize
+from hpcdl.horovod.process_sets import ProcessSet, resolve
+from hpcdl.horovod.reductions import Average, allreduce
 
 
-@dataclass
-class Handle:
-    """A collective in flight; `synchronize(handle)` waits for it and returns its result."""
-
-    request: Any
-    finish: Callable[[], Any]
-    result: Any = None
-    done: bool = False
-    keep: list = field(default_factory=list)  # buffers MPI is still using
+def _row_elements(tensor: torch.Tensor) -> int:
+    return int(np.prod(tensor.shape[1:], dtype=np.int64))
 
 
-def poll(handle: Handle) -> bool:
-    """True when the collective has finished (synchronize then returns at once)."""
-    return handle.done or bool(handle.request.Test())
-
-
-def synchronize(handle: Handle) -> Any:
-    """Wait for an async collective and return its result."""
-    if not handle.done:
-        handle.request.Wait()
-        handle.result, handle.done, handle.keep = handle.finish(), True, []
-    return handle.result
-
-
-def allgather_async(tensor: torch.Tensor, name: str | None = None, process_set: Any = None) -> Handle:
+def allgather_async(tensor: torch.Tensor, name: str | None = None, process_set: ProcessSet | None = None) -> Handle:
     """Start concatenating every rank's `tensor` along dim 0 (first dims may differ)."""
-    no_process_set(process_set)
+    pset = resolve(process_set)
     source = tensor.detach().contiguous()
-    # The shapes travel first (small, blocking): the receiving side needs every rank's row count.
-    shapes = current_world().comm.allgather((tuple(source.shape), str(source.dtype)))
-    if len({(s[1:], d) for s, d in shapes}) != 1 or any(len(s) == 0 for s, _ in shapes):
-        found = ", ".join(f"rank {r}: {d} {tuple(s)}" for r, (s, d) in enumerate(shapes))
-        raise HpcdlError(
-            "hpcdl.horovod.allgather: tensors must have the same dtype and the same shape after dim 0 "
-            f"on every rank ({found})"
-        )
-    rows = [s[0] for s, _ in shapes]
-    row = int(np.prod(source.shape[1:], dtype=np.int64))
-    output = torch.empty((sum(rows), *source.shape[1:]), dtype=source.dtype)
-    counts = [r * row for r in rows]
-    request = current_world().comm.Iallgatherv(buffer(source), [as_buffer(output), counts, mpi_type(output.dtype)])
-    return Handle(request, lambda: output, keep=[source])
+    if source.ndim == 0:
+        raise ArgumentError("hpcdl.horovod.allgather: a scalar has no dim 0 to concatenate along; reshape it to (1,)")
+
+    def start(table: np.ndarray) -> Handle:
+        rows = table[:, SHAPE].tolist()
+        output = torch.empty((sum(rows), *source.shape[1:]), dtype=source.dtype)
+        counts = [r * _row_elements(source) for r in rows]
+        request = pset.comm.Iallgatherv(buffer(source), [as_buffer(output), counts, mpi_type(output.dtype)])
+        return Handle(request, lambda: output, keep=[source])
+
+    return named(name, lambda: agreed(pset, "allgather", source, AFTER_DIM_0, start))
 
 
-def allgather(tensor: torch.Tensor, name: str | None = None, process_set: Any = None) -> torch.Tensor:
-    """Every rank's `tensor` concatenated along dim 0, in rank order."""
-    return synchronize(allgather_async(tensor, name, process_set))
+def grouped_allgather(
+    tensors: list[torch.Tensor], name: str | None = None, process_set: ProcessSet | None = None
+) -> list[torch.Tensor]:
+    """allgather of each tensor, all in flight together; differentiable."""
+    names = [None if name is None else f"{name}.{i}" for i in range(len(tensors))]
+
+    def run(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        handles = [allgather_async(t, n, process_set) for t, n in zip(inputs, names)]
+        return tuple(synchronize(h) for h in handles)
+
+    def gradient(*grads: torch.Tensor) -> list[torch.Tensor]:
+        # Every rank's rows of the averaged gradient; this rank's start where the lower ranks' rows end.
+        rows = [len(t) for t in tensors]
+        everyone = allgather(torch.tensor([rows], dtype=torch.int64), process_set=process_set)
+        offsets = everyone[: resolve(process_set).rank()].sum(dim=0).tolist()
+        averaged = [allreduce(g, op=Average, process_set=process_set) for g in grads]
+        return [a.narrow(0, o, n) for a, o, n in zip(averaged, offsets, rows)]
+
+    return list(differentiable(run, gradient, *tensors))
 
 
-def allgather_object(obj: Any, name: str | None = None) -> list[Any]:
+def allgather(tensor: torch.Tensor, name: str | None = None, process_set: ProcessSet | None = None) -> torch.Tensor:
+    """Every rank's `tensor` concatenated along dim 0, in rank order; differentiable."""
+    return grouped_allgather([tensor], name, process_set)[0]
+
+
+def allgather_object(obj: Any, name: str | None = None, process_set: ProcessSet | None = None) -> list[Any]:
     """Every rank's picklable `obj`, in rank order."""
-    return current_world().comm.allgather(obj)
+    return resolve(process_set).world.comm.allgather(obj)
 
 
-def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None, process_set: Any = None) -> Handle:
+def broadcast_async_(
+    tensor: torch.Tensor, root_rank: int, name: str | None = None, process_set: ProcessSet | None = None
+) -> Handle:
     """Start overwriting `tensor` on every rank with root_rank's, in place."""
-    no_process_set(process_set)
+    pset = resolve(process_set)
+    root = pset.set_rank(root_rank)
     work = tensor.data if tensor.is_contiguous() else tensor.detach().contiguous()
-    request = current_world().comm.Ibcast(buffer(work), root=root_rank)
 
-    def finish() -> torch.Tensor:
-        if work.data_ptr() != tensor.data_ptr():
-            with torch.no_grad():
-                tensor.copy_(work)
-        return tensor
+    def start(_: Any) -> Handle:
+        request = pset.comm.Ibcast(buffer(work), root=root)
 
-    return Handle(request, finish, keep=[work])
+        def finish() -> torch.Tensor:
+            if work.data_ptr() != tensor.data_ptr():
+                with torch.no_grad():
+                    tensor.copy_(work)
+            return tensor
+
+        return Handle(request, finish, keep=[work])
+
+    return named(name, lambda: agreed(pset, "broadcast", work, WITH_ROOT, start, root=root_rank))
 
 
-def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None, process_set: Any = None) -> torch.Tensor:
+def broadcast_(
+    tensor: torch.Tensor, root_rank: int, name: str | None = None, process_set: ProcessSet | None = None
+) -> torch.Tensor:
     """Overwrite `tensor` with root_rank's, in place; returns it."""
     return synchronize(broadcast_async_(tensor, root_rank, name, process_set))
 
 
-def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None, process_set: Any = None) -> Handle:
+def broadcast_async(
+    tensor: torch.Tensor, root_rank: int, name: str | None = None, process_set: ProcessSet | None = None
+) -> Handle:
     """Start broadcasting root_rank's `tensor`; `synchronize` returns a new tensor."""
     return broadcast_async_(tensor.detach().clone(), root_rank, name, process_set)
 
 
-def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None, process_set: Any = None) -> torch.Tensor:
-    """root_rank's `tensor`, as a new tensor on every rank; the input is not modified."""
-    return synchronize(broadcast_async(tensor, root_rank, name, process_set))
+def broadcast(
+    tensor: torch.Tensor, root_rank: int, name: str | None = None, process_set: ProcessSet | None = None
+) -> torch.Tensor:
+    """root_rank's `tensor`, as a new tensor on every rank; the input is not modified; differentiable."""
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        return synchronize(broadcast_async(t, root_rank, name, process_set))
+
+    def gradient(grad: torch.Tensor) -> tuple[torch.Tensor]:
+        averaged = allreduce(grad, op=Average, process_set=process_set)
+        return (averaged if current_world().rank == root_rank else averaged * 0,)
+
+    return differentiable(run, gradient, tensor)
 
 
-def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None, process_set: Any = None) -> Any:
-    """root_rank's picklable `obj` on every rank."""
-    no_process_set(process_set)
-    return current_world().comm.bcast(obj, root=root_rank)
+def broadcast_object(
+    obj: Any, root_rank: int = 0, name: str | None = None, process_set: ProcessSet | None = None
+) -> Any:
+    """root_rank's picklable `obj` on every rank of the set."""
+    pset = resolve(process_set)
+    return pset.world.comm.bcast(obj, root=pset.set_rank(root_rank))
+
+
+def _send_rows(tensor: torch.Tensor, splits: torch.Tensor | list[int] | None, ranks: int) -> np.ndarray:
+    """Rows of `tensor` for each rank; ArgumentError (a ValueError), before anything travels, for bad splits."""
+    if splits is None:
+        if tensor.ndim == 0 or tensor.shape[0] % ranks:
+            raise ArgumentError(
+                f"hpcdl.horovod.alltoall: without splits, dim 0 ({tuple(tensor.shape)}) must divide by {ranks} ranks"
+            )
+        return np.full(ranks, tensor.shape[0] // ranks, dtype=np.int64)
+    # Horovod refuses all but int32; any integer tensor holds row counts as well (torch.tensor([...]) is int64).
+    if torch.is_tensor(splits) and (
+        splits.dtype.is_floating_point or splits.dtype.is_complex or splits.dtype == torch.bool
+    ):
+        raise ArgumentError(f"hpcdl.horovod.alltoall: splits must be an integer tensor, not {splits.dtype}")
+    rows = np.asarray(splits.tolist() if torch.is_tensor(splits) else list(splits), dtype=np.int64)
+    if tensor.ndim == 0 or rows.shape != (ranks,) or (rows < 0).any() or rows.sum() != tensor.shape[0]:
+        raise ArgumentError(
+            f"hpcdl.horovod.alltoall: splits {rows.tolist()} must be {ranks} non-negative row counts "
+            f"summing to dim 0 of {tuple(tensor.shape)}"
+        )
+    return rows
 
 
 def alltoall_async(
     tensor: torch.Tensor,
     splits: torch.Tensor | list[int] | None = None,
     name: str | None = None,
-    process_set: Any = None,
+    process_set: ProcessSet | None = None,
 ) -> Handle:
-    """Start sending rows `splits[r]` of `tensor` (along dim 0) to rank r; see `alltoall`."""
-    no_process_set(process_set)
+    """Start sending rows `splits[r]` of `tensor` (along dim 0) to rank r of the set; see `alltoall`."""
+    pset = resolve(process_set)
     source = tensor.detach().contiguous()
-    ranks = size()
-    if splits is None:
-        if source.ndim == 0 or source.shape[0] % ranks:
-            raise HpcdlError(
-                f"hpcdl.horovod.alltoall: without splits, dim 0 ({tuple(source.shape)}) must divide by {ranks} ranks"
-            )
-        send_rows = np.full(ranks, source.shape[0] // ranks, dtype=np.int64)
-    else:
-        send_rows = np.asarray(splits.tolist() if torch.is_tensor(splits) else list(splits), dtype=np.int64)
-        if send_rows.shape != (ranks,) or (send_rows < 0).any() or send_rows.sum() != source.shape[0]:
-            raise HpcdlError(
-                f"hpcdl.horovod.alltoall: splits {send_rows.tolist()} must be {ranks} non-negative row counts "
-                f"summing to dim 0 = {source.shape[0]}"
-            )
-    recv_rows = np.empty(ranks, dtype=np.int64)
-    current_world().comm.Alltoall(send_rows, recv_rows)
-    row = int(np.prod(source.shape[1:], dtype=np.int64))
-    output = torch.empty((int(recv_rows.sum()), *source.shape[1:]), dtype=source.dtype)
-    kind = mpi_type(source.dtype)
-    request = current_world().comm.Ialltoallv(
-        [as_buffer(source), (send_rows * row).tolist(), kind], [as_buffer(output), (recv_rows * row).tolist(), kind]
-    )
-    received = torch.from_numpy(recv_rows.astype(np.int32))
-    return Handle(request, lambda: output if splits is None else (output, received), keep=[source])
+    send_rows = _send_rows(source, splits, pset.size())
+
+    def start(table: np.ndarray) -> Handle:
+        recv_rows = table[:, SPLITS + pset.rank()]
+        row, kind = _row_elements(source), mpi_type(source.dtype)
+        output = torch.empty((int(recv_rows.sum()), *source.shape[1:]), dtype=source.dtype)
+        request = pset.comm.Ialltoallv(
+            [as_buffer(source), (send_rows * row).tolist(), kind], [as_buffer(output), (recv_rows * row).tolist(), kind]
+        )
+        received = torch.from_numpy(recv_rows.astype(np.int32))
+        return Handle(request, lambda: (output, received), keep=[source])
+
+    return named(name, lambda: agreed(pset, "alltoall", source, AFTER_DIM_0, start, splits=send_rows))
 
 
 def alltoall(
     tensor: torch.Tensor,
     splits: torch.Tensor | list[int] | None = None,
     name: str | None = None,
-    process_set: Any = None,
+    process_set: ProcessSet | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Rows `splits[r]` of `tensor` go to rank r (equal parts without splits), concatenated in rank order.
 
-    Returns the received tensor; with `splits`, (tensor, received splits) as Horovod does.
+    Returns the received tensor; with `splits`, (tensor, received splits) as Horovod does. Differentiable:
+    the gradient travels back by the reverse alltoall.
     """
-    return synchronize(alltoall_async(tensor, splits, name, process_set))
+
+    def run(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return synchronize(alltoall_async(t, splits, name, process_set))
+
+    def gradient(grad: torch.Tensor, _: Any) -> tuple[torch.Tensor]:
+        return (alltoall(grad, received, process_set=process_set)[0],)
+
+    output, received = differentiable(run, gradient, tensor)
+    return output if splits is None else (output, received)
 
 
 def join(device: int = -1) -> int:
-    """Wait for every rank; returns the rank that arrived last.
+    """Wait for every rank, serving the others' allreduces with zeros meanwhile; returns the rank that joined last.
 
-    Unlike Horovod, ranks that joined do not keep serving the others' allreduces: every
-    rank must run the same number of collectives before joining (split the data evenly).
+    As Horovod's: a rank out of data joins, and the ranks still training keep averaging over every rank
+    (the joined ones add zeros); any other collective raises HorovodInternalError while a rank has joined.
     """
-    world = current_world()
-    began = time.perf_counter()
-    world.comm.Barrier()
-    waited = time.perf_counter() - began
-    # The last to arrive waited least: a local duration, no clocks compared across nodes.
-    waits = world.comm.allgather(waited)
-    return int(np.argmin(waits))
+    return join_and_serve(resolve(None))
 
 
-def barrier(process_set: Any = None) -> None:
-    """Wait until every rank gets here."""
-    no_process_set(process_set)
-    current_world().comm.Barrier()
+def barrier(process_set: ProcessSet | None = None) -> None:
+    """Wait until every rank of the set gets here."""
+    resolve(process_set).world.comm.Barrier()

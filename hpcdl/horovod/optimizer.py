@@ -4,6 +4,7 @@ broadcasts that start every rank from the same parameters and optimizer state.""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -11,31 +12,38 @@ from typing import Any
 import torch
 from torch import nn
 
+from hpcdl.comm import World
 from hpcdl.errors import HpcdlError
-from hpcdl.horovod.basics import current_world, size
-from hpcdl.horovod.collectives import broadcast_async_, synchronize
+from hpcdl.horovod.collectives import broadcast_async_
 from hpcdl.horovod.compression import Compression, Compressor
+from hpcdl.horovod.errors import ArgumentError
+from hpcdl.horovod.handles import synchronize
+from hpcdl.horovod.process_sets import ProcessSet, gradient_world, resolve
 from hpcdl.horovod.reductions import Average, Sum, mpi_op
-from hpcdl.horovod.refused import no_process_set, not_offered
+from hpcdl.horovod.refused import not_offered
 from hpcdl.parallel.data import broadcast_optimizer
 from hpcdl.parallel.grad_sync import GradSync
 
 Tensors = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Iterable[torch.Tensor]
 
 
-def broadcast_parameters(params: Tensors, root_rank: int = 0, process_set: Any = None) -> None:
+def broadcast_parameters(params: Tensors, root_rank: int = 0, process_set: ProcessSet | None = None) -> None:
     """Overwrite tensors in place with root_rank's: a state_dict(), named_parameters() or a list."""
-    no_process_set(process_set)
     items = params.values() if isinstance(params, Mapping) else params
     tensors = [item[1] if isinstance(item, tuple) else item for item in items]
-    handles = [broadcast_async_(t.data if isinstance(t, nn.Parameter) else t, root_rank) for t in tensors]
+    handles = [
+        broadcast_async_(t.data if isinstance(t, nn.Parameter) else t, root_rank, None, process_set) for t in tensors
+    ]
     for handle in handles:
         synchronize(handle)
 
 
-def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0, model: Any = None) -> None:
+def broadcast_optimizer_state(
+    optimizer: torch.optim.Optimizer, root_rank: int = 0, model: Any = None, process_set: ProcessSet | None = None
+) -> None:
     """Make every rank's optimizer state and hyper-parameters equal to root_rank's."""
-    broadcast_optimizer(current_world(), optimizer, root_rank)
+    pset = resolve(process_set)
+    broadcast_optimizer(pset.world, optimizer, pset.set_rank(root_rank))
 
 
 def _fusion_bytes() -> int:
@@ -63,18 +71,24 @@ def _refuse_sparse(grad: torch.Tensor) -> None:
         )
 
 
-def _check_named_parameters(params: list[nn.Parameter], named_parameters: Iterable[tuple[str, nn.Parameter]]) -> None:
-    """Refuse duplicate names, and optimizer parameters that `named_parameters` lacks (as Horovod does)."""
+def _parameter_names(
+    params: list[nn.Parameter], named_parameters: Iterable[tuple[str, nn.Parameter]] | None
+) -> dict[nn.Parameter, str]:
+    """Each parameter's name (Horovod's allreduce.noname.i without named_parameters); ArgumentError (a ValueError)
+    for duplicate names or optimizer parameters that `named_parameters` lacks, as Horovod's."""
+    if named_parameters is None:
+        return {p: f"allreduce.noname.{i}" for i, p in enumerate(params)}
     named = list(named_parameters)
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
-        raise HpcdlError("hpcdl.horovod.DistributedOptimizer: named_parameters contains duplicate names")
-    known = {id(p) for _, p in named}
-    if any(id(p) not in known for p in params):
-        raise HpcdlError(
+        raise ArgumentError("hpcdl.horovod.DistributedOptimizer: named_parameters contains duplicate names")
+    by_param = {p: n for n, p in named}
+    if any(p not in by_param for p in params):
+        raise ArgumentError(
             "hpcdl.horovod.DistributedOptimizer: named_parameters was given, but some optimizer "
             "parameters are not in it; pass model.named_parameters() of the whole model"
         )
+    return {p: by_param[p] for p in params}
 
 
 class _DistributedOptimizer:
@@ -82,15 +96,15 @@ class _DistributedOptimizer:
 
     def _hvd_setup(
         self,
-        named_parameters: Iterable[tuple[str, nn.Parameter]] | None,
+        world: World,
+        names: dict[nn.Parameter, str],
         compression: type[Compressor],
         backward_passes_per_step: int,
         op: str,
         sparse_as_dense: bool,
     ) -> None:
-        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
-        if named_parameters is not None:
-            _check_named_parameters(params, named_parameters)
+        params = list(names)
+        self._parameter_names = names
         wire = getattr(compression, "wire", None)
         if wire is None:
             raise HpcdlError("hpcdl.horovod.DistributedOptimizer: compression must be hvd.Compression.none or .fp16")
@@ -106,12 +120,12 @@ class _DistributedOptimizer:
                 p.register_hook(_refuse_sparse)
         # The engine's hooks keep each .grad in its bucket, count the passes and start each bucket's sum.
         self._hvd_grads = GradSync(
-            current_world(),
+            world,
             params,
             _fusion_bytes(),
             wire,
             passes=backward_passes_per_step,
-            scale=1.0 / size() if op == Average else 1.0,
+            scale=1.0 / world.size if op == Average else 1.0,
         )
         self._hvd_synchronized = False
         self._hvd_should_synchronize = True
@@ -132,7 +146,13 @@ class _DistributedOptimizer:
 
     def step(self, closure: Any = None) -> Any:
         """Synchronize the gradients (unless done already), then the wrapped optimizer's step."""
-        if self._hvd_should_synchronize and not self._hvd_synchronized:
+        if self._hvd_should_synchronize and self._hvd_synchronized:
+            warnings.warn(
+                "optimizer.step() called without optimizer.skip_synchronize() context after optimizer.synchronize(): "
+                "the gradients are used as synchronized; wrap step() in `with optimizer.skip_synchronize():`",
+                stacklevel=2,
+            )
+        elif self._hvd_should_synchronize:
             self.synchronize()
         self._hvd_synchronized = False
         return super().step(closure)
@@ -152,16 +172,16 @@ def DistributedOptimizer(  # noqa: N802 - Horovod's name
     num_groups: int = 0,
     groups: Any = None,
     sparse_as_dense: bool = False,
-    process_set: Any = None,
+    process_set: ProcessSet | None = None,
 ) -> torch.optim.Optimizer:
     """`optimizer`, of the same class, whose step() first averages (or sums) the gradients over ranks.
 
     Each gradient bucket's Iallreduce starts during backward as soon as its gradients are
     final (after `backward_passes_per_step` local passes). `gradient_predivide_factor` f
     scales by 1/f before and f/size after the sum, which we apply as one 1/size after it.
-    Sparse gradients need `sparse_as_dense=True`: they are reduced densely in their bucket.
+    Sparse gradients need `sparse_as_dense=True`: they are reduced densely in their bucket. With
+    `process_set`, its members average among themselves and other ranks keep their own gradients.
     """
-    no_process_set(process_set)
     fusion = "HOROVOD_FUSION_THRESHOLD (bytes) to size the buckets"
     if groups is not None:
         not_offered("DistributedOptimizer(groups=...)", fusion)
@@ -169,10 +189,13 @@ def DistributedOptimizer(  # noqa: N802 - Horovod's name
         not_offered("DistributedOptimizer(num_groups=...)", fusion)
     if gradient_predivide_factor != 1.0 and op != Average:
         raise HpcdlError("hpcdl.horovod.DistributedOptimizer: gradient_predivide_factor applies to op=hvd.Average only")
+    # Checked before anything that needs hvd.init(), as Horovod's.
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    names = _parameter_names(params, named_parameters)
     base = optimizer.__class__
     cls = type(base.__name__, (_DistributedOptimizer, base), {})
     # As Horovod does: a new optimizer of a subclass over the same parameter groups; the state is kept.
     wrapped = cls(optimizer.param_groups)
     wrapped.state = optimizer.state
-    wrapped._hvd_setup(named_parameters, compression, backward_passes_per_step, op, sparse_as_dense)
+    wrapped._hvd_setup(gradient_world(process_set), names, compression, backward_passes_per_step, op, sparse_as_dense)
     return wrapped

@@ -1,20 +1,14 @@
-"""What hpcdl.horovod does not offer: each refusal raises HpcdlError at call time, naming what to use instead."""
+"""What hpcdl.horovod does not offer: each refusal raises NotOffered (an HpcdlError), naming what to use."""
 
 from __future__ import annotations
 
 from typing import Any, NoReturn
 
-from hpcdl.errors import HpcdlError
+from hpcdl.horovod.errors import NotOffered
 
 # Horovod names without an hpcdl equivalent -> what to use instead.
 NOT_OFFERED = {
     "SyncBatchNorm": "torch.nn.BatchNorm (statistics per rank) or torch.nn.GroupNorm",
-    "ProcessSet": "hpcdl.init().split(color) for a sub-communicator",
-    "add_process_set": "hpcdl.init().split(color) for a sub-communicator",
-    "remove_process_set": "hpcdl.init().split(color) for a sub-communicator",
-    "reducescatter": "hvd.allreduce and keep your rank's rows",
-    "grouped_reducescatter": "hvd.allreduce and keep your rank's rows",
-    "sparse_allreduce_async": "dense gradients (sparse_as_dense)",
     "start_timeline": "hpcdl.metrics.PhaseTimer or the time split `hpcdl train` prints",
     "stop_timeline": "hpcdl.metrics.PhaseTimer or the time split `hpcdl train` prints",
     "elastic": "checkpoints (hpcdl.checkpoint) and `hpcdl train --resume` at any number of ranks",
@@ -24,13 +18,7 @@ NOT_OFFERED = {
 
 def not_offered(what: str, instead: str) -> NoReturn:
     """Raise the refusal for `what`, naming `instead`."""
-    raise HpcdlError(f"hpcdl.horovod: {what} is not offered by hpcdl; use {instead} instead")
-
-
-def no_process_set(process_set: Any) -> None:
-    """Refuse a process_set= argument (hpcdl's collectives run on the whole world)."""
-    if process_set is not None:
-        not_offered("process_set=", "hpcdl.init().split(color) and mpi4py on the sub-communicator")
+    raise NotOffered(f"hpcdl.horovod: {what} is not offered by hpcdl; use {instead} instead")
 
 
 class _NotOffered:
