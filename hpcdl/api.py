@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from hpcdl import comm
 from hpcdl.comm import World
-from hpcdl.config import ABOVE_ZERO, COMPRESSIONS, check_choice, check_flag, check_number, check_path
+from hpcdl.config import ABOVE_ZERO, COMPRESSIONS, Config, check_choice, check_flag, check_number, check_path
 from hpcdl.errors import ConfigError
 from hpcdl.parallel.data import broadcast_module
 from hpcdl.parallel.grad_sync import GradSync
@@ -109,7 +110,7 @@ def _check_module(name: str, value: Any) -> None:
 
 def _option_keys() -> dict[str, tuple[str, str]]:
     """fit's keyword names -> (section, key): every `section_key`, and `key` alone where unambiguous."""
-    from hpcdl.config import SECTIONS, Config
+    from hpcdl.config import SECTIONS
 
     names: dict[str, list[tuple[str, str]]] = {}
     for section in SECTIONS:
@@ -174,13 +175,16 @@ def fit(
     make_optimizer = options.pop("optimizer") if callable(optimizer) else None
     world = init()
     cfg = world.agree(lambda: _checked_fit_config(model, data_path, config, options))
-    world.agree(lambda: _check_parts(make_optimizer, scheduler, callbacks))
+    world.agree(lambda: _check_parts(model, cfg, make_optimizer, scheduler, callbacks))
     parts = UserParts(loss_fn, make_optimizer, scheduler, tuple(callbacks))
     return train(cfg, world, resume=resume, model=model, overwrite=overwrite, parts=parts)
 
 
-def _check_parts(make_optimizer: Any, scheduler: Any, callbacks: Any) -> None:
-    """fit's own parts are of the kinds it takes, each refusal one line."""
+def _check_parts(model: nn.Module, cfg: Config, make_optimizer: Any, scheduler: Any, callbacks: Any) -> None:
+    """fit's own parts are of the kinds it takes, each refusal one line: the optimizer and scheduler functions
+    are tried on the model's parameters, so that what they make is known before the run folder is."""
+    from hpcdl.train import build_optimizer
+
     if scheduler is not None and not callable(scheduler):
         raise ConfigError(f"hpcdl.fit: scheduler must be a function of the optimizer, got {type(scheduler).__name__}")
     if isinstance(callbacks, str | bytes) or not isinstance(callbacks, Sequence):
@@ -190,3 +194,28 @@ def _check_parts(make_optimizer: Any, scheduler: Any, callbacks: Any) -> None:
             raise ConfigError(
                 f"hpcdl.fit: callback {callback!r} has neither on_step_end(record) nor on_epoch_end(record)"
             )
+    params = [p for p in model.parameters() if p.requires_grad]
+    if make_optimizer is None:
+        optimizer = build_optimizer(cfg.train, params)
+    else:
+        optimizer = _made_by("optimizer", "the parameters", make_optimizer, params)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(
+                f"hpcdl.fit: optimizer must return a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+    if scheduler is not None:
+        made = _made_by("scheduler", "the optimizer", scheduler, optimizer)
+        # hpcdl steps the schedule once per optimizer step, with no metric: ReduceLROnPlateau needs one.
+        if not isinstance(made, LRScheduler) or isinstance(made, ReduceLROnPlateau):
+            raise ConfigError(
+                "hpcdl.fit: scheduler must return a torch LR scheduler stepped without a metric "
+                f"(torch.optim.lr_scheduler, not ReduceLROnPlateau), got {type(made).__name__}"
+            )
+
+
+def _made_by(name: str, given: str, factory: Callable[[Any], Any], argument: Any) -> Any:
+    """What fit's `name` function makes of `argument`; one line naming it if it raises."""
+    try:
+        return factory(argument)
+    except Exception as exc:  # noqa: BLE001 - the user's function: any failure is theirs to see in one line
+        raise ConfigError(f"hpcdl.fit: {name}({given}) raised {type(exc).__name__}: {exc}") from exc

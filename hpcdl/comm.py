@@ -35,6 +35,8 @@ ARRIVED_TAG = 30917
 # How many processes a launcher started, in the variables it sets (an MPI launcher's own, torchrun's,
 # Slurm's step and allocation); on a tie the first named is reported.
 LAUNCHED_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
+# The MPI launchers' own: set for this very launch, they outrank the others (see check_launch).
+MPI_LAUNCHED_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
 # Variables an MPI launcher sets in every rank it starts (hydra and srun's PMI, PMIx, Open MPI).
 MPI_LAUNCHED = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")
 # Each launcher's index of the process it started, read when MPI sees a singleton (the same order as above).
@@ -249,10 +251,13 @@ def check_launch(size: int) -> None:
     """
     if size > 1:
         return
-    # The largest count any launcher variable gives: a stale "1" inherited from a parent (hpcdl.init exports
-    # WORLD_SIZE) must not hide the N that srun or torchrun set for this very launch.
     counts = {name: int(os.environ[name]) for name in LAUNCHED_SIZES if os.environ.get(name, "").isdigit()}
-    name = max(counts, key=counts.get, default=None)
+    # An MPI launcher's count describes this launch: `mpiexec -n 1` inside an allocation sets PMI_SIZE=1, and
+    # the SLURM_NTASKS it inherited must not turn it into a refused singleton. Without one, the largest count:
+    # a stale "1" inherited from a parent (hpcdl.init exports WORLD_SIZE) must not hide the N that srun or
+    # torchrun set for this very launch.
+    own = [name for name in MPI_LAUNCHED_SIZES if name in counts]
+    name = own[0] if own else max(counts, key=counts.get, default=None)
     started = counts.get(name, 1)
     if started <= 1:
         return

@@ -1,6 +1,7 @@
 """Fault injection for tests: `--fault KIND@RANK:STEP`, off unless asked for.
 
-STEP counts optimizer steps from 1 (the step that ends with global step = STEP).
+STEP counts optimizer steps from 1 (the step that ends with global step = STEP); for hang-eval it
+is the epoch, from 1, whose evaluation hangs.
 
 - kill:    the rank SIGKILLs itself as the step starts (a lost node);
 - raise:   the rank raises an exception (a bug);
@@ -8,7 +9,10 @@ STEP counts optimizer steps from 1 (the step that ends with global step = STEP).
 - stall:   the rank sleeps 3 s, then goes on (a slow step, time to send a signal);
 - nan:     the rank's batch becomes NaN, so its loss and the summed gradients are NaN;
 - signal:  the rank sends itself SIGUSR1 (a signal that reached only some ranks);
-- diverge: after the step the rank nudges one parameter (replicas no longer agree).
+- diverge: after the step the rank nudges one parameter (replicas no longer agree);
+- hang-eval: the rank sleeps forever as the evaluation after epoch STEP starts (a stuck read of /val);
+- hang-save: the rank sleeps forever in the checkpoint at step STEP (on rank 0: a stuck file system
+  while it writes; elsewhere: as it goes to wait for rank 0's write).
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ import torch
 from hpcdl.data.loader import Batch
 from hpcdl.errors import ConfigError
 
-KINDS = ("kill", "raise", "hang", "stall", "nan", "signal", "diverge")
+KINDS = ("kill", "raise", "hang", "stall", "nan", "signal", "diverge", "hang-eval", "hang-save")
 STALL_S = 3.0
-SPEC = re.compile(r"^(?P<kind>[a-z]+)@(?P<rank>\d+):(?P<step>\d+)$")
+SPEC = re.compile(r"^(?P<kind>[a-z-]+)@(?P<rank>\d+):(?P<step>\d+)$")
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,10 @@ class Injector:
         self.rank = rank
         self.mine = {(f.kind, f.step) for f in faults if f.rank == rank}
 
-    def _due(self, kind: str, step: int) -> bool:
+    def _due(self, kind: str, step: int, unit: str = "step") -> bool:
         if (kind, step) not in self.mine:
             return False
-        print(f"hpcdl: fault: injecting {kind} on rank {self.rank} at step {step}", file=sys.stderr, flush=True)
+        print(f"hpcdl: fault: injecting {kind} on rank {self.rank} at {unit} {step}", file=sys.stderr, flush=True)
         return True
 
     def step_start(self, step: int, batch: Batch) -> None:
@@ -83,11 +87,26 @@ class Injector:
         if self._due("nan", step):
             batch.x = torch.full_like(batch.x, float("nan"))
         if self._due("hang", step):
-            while True:
-                time.sleep(1.0)
+            hang()
 
     def step_end(self, step: int, params: list[torch.nn.Parameter]) -> None:
         """Faults that strike after the optimizer step."""
         if self.mine and self._due("diverge", step):
             with torch.no_grad():
                 params[0].view(-1)[0] += 1e-3
+
+    def evaluation(self, epoch: int) -> None:
+        """Faults that strike as the evaluation after `epoch` (from 1) starts."""
+        if self.mine and self._due("hang-eval", epoch, "epoch"):
+            hang()
+
+    def checkpoint(self, step: int) -> None:
+        """Faults that strike inside the checkpoint at `step`, where rank 0 writes it."""
+        if self.mine and self._due("hang-save", step):
+            hang()
+
+
+def hang() -> None:
+    """Sleep forever, as a rank stuck in a read, a write or a deadlock does (its threads still run)."""
+    while True:
+        time.sleep(1.0)

@@ -103,6 +103,8 @@ def prepare(
         layout.check_model(built)
         layout.check_data(info)
         check_output(built, info, torch_dtype(cfg.model.dtype))
+        loss_name = "hpcdl.fit: loss_fn" if loss_fn is not None else f"train.loss = {cfg.train.loss!r}"
+        check_loss(objective, info, torch_dtype(cfg.model.dtype), loss_name)
         path = checkpoint.resolve(resume, cfg.run.dir, notes) if resume else None
         state = checkpoint.load(path) if path else None
         name = type(model).__name__ if model is not None else cfg.model.factory or cfg.model.name
@@ -111,7 +113,7 @@ def prepare(
             setup.position = resume_position(state, cfg, info, notes)
             checkpoint.restore_model(built, state, path)
         if world.is_root:  # the run folder is rank 0's: its verdict is shared by agree
-            plan_run_folder(cfg, setup, overwrite, notes)
+            plan_run_folder(cfg, setup, overwrite, resume == "auto", notes)
         return setup
 
     setup = world.agree(build_rank_parts)
@@ -204,6 +206,33 @@ def check_output(model: torch.nn.Module, info: DatasetInfo, dtype: torch.dtype) 
         )
 
 
+def check_loss(objective: Objective, info: DatasetInfo, dtype: torch.dtype, name: str) -> None:
+    """The loss takes the model's outputs and this data's targets and gives one number with a gradient: said before
+    step 0 (`name` says where the loss came from), not as a traceback at step 1."""
+    # Zeros of the shape check_output found, not the model's own output: a split model lives on the meta device.
+    outputs = torch.zeros(2, info.outputs, dtype=dtype, requires_grad=True)
+    if info.task == "classification":
+        targets = torch.zeros(2, dtype=torch.int64)
+    else:
+        targets = torch.zeros(2, *info.target_shape, dtype=torch.float32)  # as the loader gives them
+    shapes = f"outputs {tuple(outputs.shape)} {dtype} and targets {tuple(targets.shape)} {targets.dtype}"
+    expected = "a loss is a function (outputs, targets) -> their mean loss over the samples, one number"
+    try:
+        loss = objective.loss_fn(objective.outputs_as_targets(outputs), targets)
+    except Exception as exc:  # noqa: BLE001 - the user's function: any failure is theirs to see in one line
+        cause = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"{name} fails on {shapes}: {type(exc).__name__}: {cause}; {expected}") from exc
+    if not torch.is_tensor(loss):
+        problem = f"it returned {type(loss).__name__}, not a tensor"
+    elif loss.numel() != 1:
+        problem = f"it returned a tensor of shape {tuple(loss.shape)} (use reduction='mean')"
+    elif not loss.requires_grad:
+        problem = "its result does not depend on the outputs, so no gradient would reach the model"
+    else:
+        return
+    raise ConfigError(f"{name} on {shapes}: {problem}; {expected}")
+
+
 def check_early_stop(cfg: Config, objective: Objective) -> None:
     """run.early_stop and run.keep_best watch a metric the epoch records of this task hold."""
     if not cfg.run.early_stop:
@@ -213,19 +242,23 @@ def check_early_stop(cfg: Config, objective: Objective) -> None:
         raise ConfigError(f"config: run.early_stop.metric = {metric!r} is not a metric of this run: {', '.join(known)}")
 
 
-def plan_run_folder(cfg: Config, setup: Setup, overwrite: bool, notes: list[str]) -> None:
-    """Rank 0: is the run folder free, and may a fresh run start in it."""
+def plan_run_folder(cfg: Config, setup: Setup, overwrite: bool, auto: bool, notes: list[str]) -> None:
+    """Rank 0: is the run folder free, and may a fresh run start in it (`auto`: --resume auto found nothing)."""
     run_dir = Path(cfg.run.dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise HpcdlError(f"run.dir {run_dir} is a file, not a folder; choose another run.dir")
+    # The nearest path that exists: run.dir itself, or the folder it will be created in (or a file in the way).
+    nearest = next(path for path in (run_dir, *run_dir.parents) if path.exists())
+    if not nearest.is_dir():
+        inside = "" if nearest == run_dir else f" lies inside {nearest}, which"
+        raise HpcdlError(f"run.dir {run_dir}{inside} is a file, not a folder; choose another run.dir")
     folder = checkpoint.checkpoint_dir(run_dir)
     if folder.exists() and not folder.is_dir():
         raise HpcdlError(f"{folder} is a file, not a folder: checkpoints cannot be written; remove or rename it")
     rundir.check_free(run_dir)
     if setup.resume_state is None:
-        setup.move_aside = rundir.check_fresh_start(run_dir, overwrite)
+        setup.move_aside = rundir.check_fresh_start(run_dir, overwrite, auto)
         if setup.move_aside:
-            notes.append(f"--overwrite: the previous run in {run_dir} moves to {setup.move_aside}")
+            why = "--overwrite" if overwrite else "--resume auto: no checkpoint to continue, so the run starts over"
+            notes.append(f"{why}: the previous run in {run_dir} moves to {setup.move_aside}")
 
 
 def dataset_identity(info: DatasetInfo) -> dict[str, Any]:
@@ -282,7 +315,7 @@ def claim_run_folder(cfg: Config, setup: Setup) -> rundir.RunLock:
     run_dir = Path(cfg.run.dir)
     if setup.move_aside:
         rundir.move_aside(run_dir, setup.move_aside)
-    created = not run_dir.exists()
+    created = [path for path in (run_dir, *run_dir.parents) if not path.exists()]  # what mkdir makes, deepest first
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = rundir.RunLock(run_dir)
@@ -293,12 +326,10 @@ def claim_run_folder(cfg: Config, setup: Setup) -> rundir.RunLock:
         rundir.write_config(run_dir, cfg.to_dict())
         return lock
     except OSError as exc:
-        if created:
-            _remove_new_folder(run_dir)
+        _remove_new_folders(run_dir, created)
         raise HpcdlError(f"run.dir {run_dir}: {exc.strerror or exc} ({exc.filename or run_dir})") from None
     except HpcdlError:
-        if created:
-            _remove_new_folder(run_dir)
+        _remove_new_folders(run_dir, created)
         raise
 
 
@@ -316,12 +347,18 @@ def check_writable(run_dir: Path) -> None:
         raise HpcdlError(f"{metrics} is not writable; choose another run.dir")
 
 
-def _remove_new_folder(run_dir: Path) -> None:
-    """Undo a folder this run created before it failed: no partial output (only what the claim wrote)."""
-    for name in (rundir.LOCK, rundir.CONFIG):
-        (run_dir / name).unlink(missing_ok=True)
-    for folder in (checkpoint.checkpoint_dir(run_dir), run_dir):
+def _remove_new_folders(run_dir: Path, created: list[Path]) -> None:
+    """Undo the folders this run created (run.dir and any parents it lacked) before it failed: no partial output.
+
+    Best effort: the error that brought us here is the one to report, never one of the clean-up's own.
+    """
+    if not created:  # run.dir was there before: what it holds is not ours to remove
+        return
+    for path in (run_dir / rundir.LOCK, run_dir / rundir.CONFIG, checkpoint.checkpoint_dir(run_dir), *created):
         try:
-            folder.rmdir()
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
         except OSError:
             pass

@@ -4,8 +4,9 @@ resume says what changed since the run began.
 - **Lock.** Rank 0 holds an `fcntl` lock on `<run.dir>/.lock` for the whole run; the kernel
   releases it when the process ends, however it ends, so a killed run never leaves a stale
   lock. A second run on the folder ends at once, naming the holder (host, pid, start time).
-- **Fresh start.** A folder that already holds checkpoints is refused unless the run resumes
-  (`--resume auto`) or `--overwrite` moves the old run aside (never deletes it).
+- **Fresh start.** A folder that already holds a run (checkpoints, or the logs of one killed before
+  its first checkpoint) is refused unless the run resumes (`--resume auto`) or `--overwrite` moves
+  the old run aside (never deletes it); `--resume auto` over logs alone moves them aside too.
 - **Config.** The resolved config is written as `config.toml` at start; on resume it is compared:
   changes that keep the saved position meaningful are allowed and said, others are refused.
 """
@@ -26,6 +27,8 @@ from hpcdl.errors import HpcdlError
 
 LOCK = ".lock"
 CONFIG = "config.toml"
+# What a run writes as it trains, beside checkpoints: a folder holding any of these holds a run.
+RUN_OUTPUTS = ("metrics.jsonl", "metrics.csv", "summary.json", "model.pt", "tensorboard")
 # Keys whose change keeps a saved position meaningful: how long to train, how fast to learn, what to log;
 # data.path only when the file holds the same dataset (checked against the checkpoint's record, hpcdl.preflight).
 FREE_TO_CHANGE = {
@@ -91,21 +94,32 @@ def check_free(run_dir: Path) -> None:
     probe.release()
 
 
-def check_fresh_start(run_dir: Path, overwrite: bool) -> Path | None:
-    """A fresh start may not bury a run: refuse a folder with checkpoints, or (`overwrite`) say where it moves.
+def check_fresh_start(run_dir: Path, overwrite: bool, auto: bool = False) -> Path | None:
+    """A fresh start may not bury a run (its checkpoints, or its logs: a new run would append to them): refuse
+    the folder, or (`overwrite`) say where the old run moves.
 
+    `auto` (--resume auto found no checkpoint): logs without checkpoints are an earlier start that ended
+    before its first checkpoint; a requeued job must start over, so they move aside as with `overwrite`.
     Returns the folder the old run will be moved to, or None when there is nothing to move.
     """
     run_dir = Path(run_dir)
     found = list_checkpoints(run_dir)
     folder = checkpoint_dir(run_dir)
-    if not found and not (folder.is_dir() and any(folder.iterdir())):
+    saved = bool(found) or (folder.is_dir() and any(folder.iterdir()))
+    logs = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not saved and not logs:
         return None
-    if not overwrite:
+    if saved and not overwrite:
         newest = found[-1].name if found else "none valid"
         raise HpcdlError(
             f"run.dir {run_dir} already holds a run ({len(found)} checkpoint(s), newest {newest}); "
             "continue it with --resume auto, choose a new run.dir, or pass --overwrite to move it aside"
+        )
+    if not (overwrite or auto):
+        raise HpcdlError(
+            f"run.dir {run_dir} already holds a run that ended before its first checkpoint ({', '.join(logs)}); "
+            "a new run would append to its logs: choose a new run.dir, or pass --overwrite (or --resume auto) "
+            "to move it aside and start over"
         )
     return run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from hpcdl.stopping import BestEpoch
 from hpcdl.watchdog import Watchdog
 
 Scheduler = torch.optim.lr_scheduler.LRScheduler
+T = TypeVar("T")
 
 
 @dataclass
@@ -67,13 +68,14 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
     return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def evaluate(strategy: Strategy, loader: Loader, world: World) -> dict[str, float]:
-    """Validation loss and the task's metrics over the whole split, summed over ranks."""
+def evaluate(strategy: Strategy, loader: Loader, watchdog: Watchdog) -> np.ndarray:
+    """This rank's sums of the validation loss and the task's figures over its share of the split."""
     objective = strategy.objective
     sums = np.zeros(objective.width)
     for batch in loader.epoch(0):
         sums += strategy.evaluate_batch(batch).vector(objective.width)
-    return objective.metrics(world.allreduce_sum(sums), prefix="val_")
+        watchdog.progress()
+    return sums
 
 
 def optimizer_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -133,7 +135,6 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts:
     guard = StepGuard(world, strategy, cfg.run.nan_policy, cfg.run.check_every, cfg.data.path, scaler)
     log = open_log(cfg, world, setup, state)
     steps_log = StepLog(cfg, world, strategy.objective, log, parts)
-    saving = Saving(cfg, world, strategy, optimizer, scheduler, state, dataset, best, scaler)
 
     clock = StepClock(cfg.run.timing_skip_steps)
     last_step = cfg.train.max_steps or state.global_step + state.steps_left(cfg.train.epochs, steps_per_epoch)
@@ -141,6 +142,7 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts:
         return already_complete(cfg, world, state, log)
     began, history, stop_signal, stopped_early = time.perf_counter(), {}, None, False
     watchdog = Watchdog(world, cfg.run.watchdog_s, clock.timer)
+    saving = Saving(cfg, world, strategy, optimizer, scheduler, state, dataset, best, scaler, watchdog, faults)
     guard.signals.install()
     try:
         while state.epoch < cfg.train.epochs and state.global_step < last_step and not (stop_signal or stopped_early):
@@ -151,8 +153,7 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts:
             )  # fmt: skip
             with bar:
                 clock.restart()
-                for batch in train_loader.epoch(state.epoch, state.step_in_epoch):
-                    watchdog.begin(state.global_step + 1)
+                for batch in watched(train_loader, state, watchdog):
                     clock.timer.add("data", batch.wait_s)
                     sync, scale = accumulation_window(
                         state.step_in_epoch, steps_per_epoch, cfg.parallel.accumulate_steps
@@ -191,29 +192,46 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts:
             if stop_signal:
                 break  # no evaluation: checkpoint and go
             epoch = state.end_epoch(steps_per_epoch)
-            history = epoch_record(world, strategy, val_loader, sums, epoch, state.global_step)
+            with watchdog.watching(f"evaluation after epoch {epoch:g}", per="batch"):
+                faults.evaluation(math.ceil(epoch))
+                history = epoch_record(world, strategy, val_loader, sums, epoch, state.global_step, watchdog)
             log.write(event="epoch", **history)
             steps_log.epoch(history)
             stopped_early = watch_best(cfg, world, best, history, saving, log)
+        elapsed = time.perf_counter() - began
+        steps_log.events.close()
+        path = saving.save()
+        guard.signals.uninstall()  # after the last checkpoint: a late stop signal still exits 75
+        if stop_signal:
+            world.log(
+                f"hpcdl: stopped by {stop_signal} at step {state.global_step}; checkpoint {path}; "
+                "resume with --resume auto"
+            )
+            log.write(event="stopped", signal=stop_signal, step=state.global_step, checkpoint=str(path))
+            return {"stopped_by": stop_signal, "step": state.global_step, "checkpoint": str(path)}
+        if stopped_early:
+            best_figures = {"stopped_early": True, "best_epoch": best.best_epoch, f"best_{best.metric}": best.best}
+            history = {**history, **best_figures}
+        return finish(cfg, world, strategy, setup, state, clock, history, elapsed, log, watchdog)
     except TrialFailed:  # a contained group's trial failed on every rank: end this run's threads, go on
-        watchdog.close()
         steps_log.events.close()
         guard.signals.uninstall()
         raise
-    elapsed = time.perf_counter() - began
-    watchdog.close()
-    steps_log.events.close()
-    path = saving.save()
-    guard.signals.uninstall()  # after the last checkpoint: a late stop signal still exits 75
-    if stop_signal:
-        world.log(
-            f"hpcdl: stopped by {stop_signal} at step {state.global_step}; checkpoint {path}; resume with --resume auto"
-        )
-        log.write(event="stopped", signal=stop_signal, step=state.global_step, checkpoint=str(path))
-        return {"stopped_by": stop_signal, "step": state.global_step, "checkpoint": str(path)}
-    if stopped_early:
-        history = {**history, "stopped_early": True, "best_epoch": best.best_epoch, f"best_{best.metric}": best.best}
-    return finish(cfg, world, strategy, setup, state, clock, history, elapsed, log)
+    finally:  # the watchdog watches up to the last file written; its thread ends with the run, however it ends
+        watchdog.close()
+
+
+def watched(loader: Loader, state: RunState, watchdog: Watchdog) -> Iterator[Batch]:
+    """The rest of the epoch's batches, each step's watch armed before its batch is fetched: a read that never
+    returns is a stuck step."""
+    batches = loader.epoch(state.epoch, state.step_in_epoch)
+    while True:
+        watchdog.begin(state.global_step + 1)
+        batch = next(batches, None)
+        if batch is None:  # the epoch's end: no step was taken
+            watchdog.disarm()
+            return
+        yield batch
 
 
 def rank_step(
@@ -318,15 +336,19 @@ def already_complete(cfg: Config, world: World, state: RunState, log: JsonlLog) 
 
 
 def epoch_record(
-    world: World, strategy: Strategy, val_loader: Loader, sums: np.ndarray, epoch: float, step: int
-) -> dict[str, Any]:
-    """The epoch's training figures summed over ranks, and validation; printed by rank 0."""
+    world: World, strategy: Strategy, val_loader: Loader, sums: np.ndarray, epoch: float, step: int,
+    watchdog: Watchdog,
+) -> dict[str, Any]:  # fmt: skip
+    """The epoch's training figures and validation, summed over ranks in one Allreduce; printed by rank 0."""
     objective = strategy.objective
+    val_sums = evaluate(strategy, val_loader, watchdog)
+    watchdog.arrive()  # this rank's part is done: the Allreduce waits for the others
+    totals = world.allreduce_sum(np.concatenate([sums, val_sums]))
     record = {
         "epoch": epoch,
         "step": step,
-        **objective.metrics(world.allreduce_sum(sums)),
-        **evaluate(strategy, val_loader, world),
+        **objective.metrics(totals[: len(sums)]),
+        **objective.metrics(totals[len(sums) :], prefix="val_"),
     }
     names = objective.metric_names()
     shown = lambda group: " ".join(f"{n}={record[n]:{'.3f' if n.endswith('acc') else '.4f'}}" for n in group)  # noqa: E731
@@ -405,6 +427,8 @@ class Saving:
     dataset: dict[str, Any]
     best: BestEpoch
     scaler: LossScaler
+    watchdog: Watchdog
+    faults: Injector
 
     def contents(self) -> dict[str, Any]:
         """What a checkpoint holds (gathered on rank 0: a collective)."""
@@ -425,37 +449,58 @@ class Saving:
 
     def save(self) -> Path | None:
         """A step-N.pt checkpoint; under agree: a save that fails on rank 0 (a full disk) ends every rank."""
-        contents, cfg = self.contents(), self.cfg
-        step = self.state.global_step
-        return self.world.agree(
-            lambda: checkpoint.save(cfg.run.dir, step, contents, cfg.run.keep) if self.world.is_root else None
-        )
+        run, step = self.cfg.run, self.state.global_step
+        return self._save(f"checkpoint at step {step}", lambda held: checkpoint.save(run.dir, step, held, run.keep))
 
     def save_best(self) -> Path | None:
         """checkpoints/best.pt: this epoch is the best so far."""
-        contents = self.contents()
-        return self.world.agree(
-            lambda: checkpoint.save_best(self.cfg.run.dir, contents) if self.world.is_root else None
-        )
+        run_dir = self.cfg.run.dir
+        return self._save(f"best.pt at step {self.state.global_step}", lambda held: checkpoint.save_best(run_dir, held))
+
+    def _save(self, what: str, write: Callable[[dict[str, Any]], Path]) -> Path | None:
+        """Gather the contents and let rank 0 `write` them, watched as `what` (a stuck write ends the job)."""
+        step = self.state.global_step
+        with self.watchdog.watching(what):
+            contents = self.contents()
+
+            def part() -> Path | None:
+                self.faults.checkpoint(step)
+                return write(contents) if self.world.is_root else None
+
+            return each_part(self.world, self.watchdog, part)
+
+
+def each_part(world: World, watchdog: Watchdog, part: Callable[[], T]) -> T:
+    """Every rank's `part` under agree (one that fails ends every rank), then each tells the watchdog it has
+    arrived and waits for the others: a stuck part is named as its rank's."""
+
+    def then_arrive() -> T:
+        result = part()
+        watchdog.arrive()
+        return result
+
+    return world.agree(then_arrive)
 
 
 def finish(
     cfg: Config, world: World, strategy: Strategy, setup: Setup, state: RunState, clock: StepClock,
-    history: dict[str, Any], elapsed: float, log: JsonlLog,
+    history: dict[str, Any], elapsed: float, log: JsonlLog, watchdog: Watchdog,
 ) -> dict[str, Any]:  # fmt: skip
     """The final weights as model.pt; the run's summary (the same on every rank), logged, written and printed."""
-    weights = strategy.model_state()  # the unsplit model on rank 0 (a collective gather)
-    world.agree(lambda: checkpoint.save_weights(cfg.run.dir, weights) if world.is_root else None)
-    summary = run_summary(
-        world, clock, history, elapsed,
-        global_batch=cfg.train.batch_size,
-        timing_skip_steps=cfg.run.timing_skip_steps,
-        params=sum(p.numel() for p in setup.model.parameters()),  # the whole model, however split
-        comm_bytes_per_step=strategy.bytes_per_sync / cfg.parallel.accumulate_steps,
-        param_digest=checkpoint.parameter_digest(weights),
-        skipped_steps=state.skipped_steps,
-        **strategy.summary(),
-    )  # fmt: skip
+    # Watched to the summary's last collective: once rank 0 has written, every rank only waits for the others.
+    with watchdog.watching(f"model.pt at step {state.global_step}"):
+        weights = strategy.model_state()  # the unsplit model on rank 0 (a collective gather)
+        each_part(world, watchdog, lambda: checkpoint.save_weights(cfg.run.dir, weights) if world.is_root else None)
+        summary = run_summary(
+            world, clock, history, elapsed,
+            global_batch=cfg.train.batch_size,
+            timing_skip_steps=cfg.run.timing_skip_steps,
+            params=sum(p.numel() for p in setup.model.parameters()),  # the whole model, however split
+            comm_bytes_per_step=strategy.bytes_per_sync / cfg.parallel.accumulate_steps,
+            param_digest=checkpoint.parameter_digest(weights),
+            skipped_steps=state.skipped_steps,
+            **strategy.summary(),
+        )  # fmt: skip
     log.write(event="summary", **summary)
     if world.is_root:
         (Path(cfg.run.dir) / "summary.json").write_text(strict_json(summary, indent=2) + "\n")

@@ -4,7 +4,8 @@ Each row is one run under mpiexec (test_faults_table.py). `setup` names a prepar
 the run folder or data (see SETUPS there); `status` None means "any non-zero" (a killed rank's
 status is the launcher's); `within_s` bounds the time from the fault's injection to the end of the job;
 `clean` means one line on stderr (none on success), no run folder left behind and every existing file
-untouched (nothing partial). `script` runs tests/scripts/SCRIPT with `args` instead of `hpcdl train`.
+untouched (nothing partial). `script` runs tests/scripts/SCRIPT (or "{tmp}/NAME", a script the row's setup
+writes in the test's folder) with `args` instead of `hpcdl train`.
 Every failing row must end every rank within `within_s` of its first error line (or the fault).
 """
 
@@ -85,6 +86,20 @@ CASES = [
         "hang on one rank",
         ("--fault", "hang@1:3", "run.watchdog_s=4"),
         "rank(s) 1 did not arrive at the step's communication",
+        within_s=15,
+        clean=False,
+    ),
+    Case(
+        "hang in an evaluation",
+        ("--fault", "hang-eval@1:1", "run.watchdog_s=4"),
+        "watchdog: evaluation after epoch 1 did not finish within 4 s (run.watchdog_s) per batch; rank(s) 1 did not",
+        within_s=15,
+        clean=False,
+    ),
+    Case(
+        "hang in a checkpoint's write",
+        ("--fault", "hang-save@0:4", "run.watchdog_s=4", "run.checkpoint_every=4"),
+        "watchdog: checkpoint at step 4 did not finish within 4 s (run.watchdog_s); rank(s) 0 did not",
         within_s=15,
         clean=False,
     ),
@@ -216,6 +231,28 @@ CASES += [
         "the model does not take this data's samples",
         setup="factory wrong inputs",
     ),
+    # The loss and fit's own parts against the model, before step 0.
+    Case("loss is not a loss", ("train.loss='os:system'",), "train.loss = 'os:system' fails on outputs (2, 4)"),
+    Case(
+        "loss gives one value per sample",
+        ("--config", "{tmp}/conf.toml"),
+        "it returned a tensor of shape (2,) (use reduction='mean')",
+        setup="loss per sample",
+    ),
+    Case(
+        "fit optimizer makes no optimizer",
+        (),
+        "hpcdl.fit: optimizer must return a torch.optim.Optimizer, got int",
+        script="{tmp}/fit.py",
+        setup="fit optimizer",
+    ),
+    Case(
+        "fit scheduler makes no scheduler",
+        (),
+        "hpcdl.fit: scheduler must return a torch LR scheduler stepped without a metric",
+        script="{tmp}/fit.py",
+        setup="fit scheduler",
+    ),
     Case("model too large for memory", ("model.hidden=[200000, 200000]",), "the model needs about", ranks=1),
     # Data files that cannot be trained on.
     Case("data missing", ("data.path='{tmp}/nope.h5'",), "does not exist", ranks=1),
@@ -241,6 +278,12 @@ CASES += [
     Case("run folder in use", (), "in use by another run", setup="locked"),
     Case("checkpoints is a file", (), "checkpoints is a file, not a folder", setup="checkpoints file"),
     Case("run.dir is a file", (), "is a file, not a folder", setup="run dir file"),
+    Case(
+        "run.dir inside a file",
+        ("run.dir='{tmp}/data.h5/run'",),
+        "run.dir {tmp}/data.h5/run lies inside {tmp}/data.h5, which is a file, not a folder",
+        setup="file in run.dir's path",
+    ),
     Case("resume with another seed", ("--resume", "auto", "train.seed=5"), "train.seed: 0 -> 5", setup="previous run"),
     # The newest checkpoint altered: skipped with its reason, the previous one used (documented success).
     Case(

@@ -149,6 +149,12 @@ def run_dir_file(run_dir: Path, data: Path) -> Path:
     return data
 
 
+def file_in_the_way(run_dir: Path, data: Path) -> Path:
+    """A file where run.dir's path needs a folder (the row's run.dir is {tmp}/data.h5/run)."""
+    _text(run_dir.parent / "data.h5", "a file, not a folder\n")
+    return data
+
+
 def random_bytes_checkpoint(run_dir: Path, data: Path) -> Path:
     saved_run(run_dir, [16])
     newest = checkpoint.list_checkpoints(run_dir)[-1]
@@ -156,13 +162,30 @@ def random_bytes_checkpoint(run_dir: Path, data: Path) -> Path:
     return data
 
 
-def factory_files(body: str):
-    """A setup writing `fmod.py` (a factory `make`) and `conf.toml` naming it, in the test's folder."""
+def module_files(setting: str, body: str):
+    """A setup writing `fmod.py` (its function `make`) and `conf.toml` naming it as `setting` ("section.key")."""
+    section, key = setting.split(".")
 
     def setup(run_dir: Path, data: Path) -> Path:
         folder = run_dir.parent
-        (folder / "fmod.py").write_text("import torch\nfrom torch import nn\n\n\n" + body)
-        (folder / "conf.toml").write_text('[model]\nfactory = "fmod:make"\n')
+        header = "import torch\nimport torch.nn.functional as F\nfrom torch import nn\n\n\n"
+        (folder / "fmod.py").write_text(header + body)
+        (folder / "conf.toml").write_text(f'[{section}]\n{key} = "fmod:make"\n')
+        return data
+
+    return setup
+
+
+def fit_script(part: str):
+    """A setup writing `fit.py`: hpcdl.fit of a small model on the data into run_dir, with `part` (an argument)."""
+
+    def setup(run_dir: Path, data: Path) -> Path:
+        (run_dir.parent / "fit.py").write_text(
+            "import torch\nfrom torch import nn\n\nimport hpcdl\n\n"
+            "hpcdl.init(threads=1)\n"
+            f"hpcdl.fit(nn.Linear({FEATURES}, {CLASSES}), {str(data)!r}, run_dir={str(run_dir)!r}, max_steps=2, "
+            f"progress=False, {part})\n"
+        )
         return data
 
     return setup
@@ -204,15 +227,25 @@ SETUPS = {
     "no num_classes": data_setup(edit=lambda f: f.attrs.__delitem__("num_classes")),
     "too few samples": data_setup(n_train=20),
     "few labels": data_setup(train_y=np.zeros(200, dtype="int64")),
-    "factory raises": factory_files("def make(shape, classes):\n    raise RuntimeError('out of ideas')\n"),
-    "factory not a module": factory_files("def make(shape, classes):\n    return 42\n"),
-    "factory wrong outputs": factory_files(
-        "def make(shape, classes):\n    return nn.Sequential(nn.Flatten(), nn.Linear(shape[0], classes + 3))\n"
+    "factory raises": module_files(
+        "model.factory", "def make(shape, classes):\n    raise RuntimeError('out of ideas')\n"
     ),
-    "factory wrong inputs": factory_files(
-        "def make(shape, classes):\n    return nn.Sequential(nn.Flatten(), nn.Linear(shape[0] + 5, classes))\n"
+    "factory not a module": module_files("model.factory", "def make(shape, classes):\n    return 42\n"),
+    "factory wrong outputs": module_files(
+        "model.factory",
+        "def make(shape, classes):\n    return nn.Sequential(nn.Flatten(), nn.Linear(shape[0], classes + 3))\n",
+    ),
+    "factory wrong inputs": module_files(
+        "model.factory",
+        "def make(shape, classes):\n    return nn.Sequential(nn.Flatten(), nn.Linear(shape[0] + 5, classes))\n",
     ),
     "factory missing": config_file('[model]\nfactory = "nosuchmodule:make"\n'),
+    "loss per sample": module_files(
+        "train.loss", "def make(outputs, targets):\n    return F.cross_entropy(outputs, targets, reduction='none')\n"
+    ),
+    "fit optimizer": fit_script("optimizer=lambda params: 5"),
+    "fit scheduler": fit_script("scheduler=lambda optimizer: 5"),
+    "file in run.dir's path": file_in_the_way,
     "bad toml": config_file("[train\nlr = 0.1\n"),
     "unknown section": config_file("[optimiser]\nlr = 0.1\n"),
 }
@@ -232,8 +265,8 @@ def fingerprint(*paths: Path) -> dict[str, str]:
 def command(case: Case, data: Path, run_dir: Path) -> list[str]:
     """`hpcdl train` with the table's options on a small config: 2 epochs of 17 steps ("{tmp}": the test's folder)."""
     options = [a.replace("{tmp}", str(run_dir.parent)) for a in case.args]
-    if case.script:
-        return [str(REPO / "tests" / "scripts" / case.script), *options]
+    if case.script:  # a "{tmp}/..." script is an absolute path, which the join below keeps as it is
+        return [str(REPO / "tests" / "scripts" / case.script.replace("{tmp}", str(run_dir.parent))), *options]
     args = ["-m", "hpcdl", "train", "--config", "digits-mlp", "--threads", "1"]
     sets = [f"data.path='{data}'", f"run.dir='{run_dir}'", "model.hidden=[16]", "train.batch_size=32"]
     sets += ["train.epochs=2", "run.progress=false"]
@@ -261,7 +294,7 @@ def test_fault(case: Case, datasets, tmp_path):
     data = datasets["synthetic"]
     if case.setup:
         data = SETUPS[case.setup](run_dir, data)
-    before = fingerprint(run_dir, data)
+    before, existed = fingerprint(run_dir, data), run_dir.exists()
     try:
         status, stdout, stderr, seconds = run_watched(case.ranks, command(case, data, run_dir), MARKERS)
     finally:
@@ -271,7 +304,8 @@ def test_fault(case: Case, datasets, tmp_path):
         assert status != 0, f"expected a failure, got success:\n{stdout}"
     else:
         assert status == case.status, f"status {status}, expected {case.status}:\n{stdout}\n{stderr}"
-    assert case.message in stdout + stderr, f"expected {case.message!r} in:\n{stdout}\n{stderr}"
+    message = case.message.replace("{tmp}", str(tmp_path))
+    assert message in stdout + stderr, f"expected {message!r} in:\n{stdout}\n{stderr}"
     assert stderr.count("Traceback") == case.tracebacks, stderr
     if status != 0:  # every rank gone promptly once the cause is known
         assert seconds is not None and seconds < case.within_s, f"ended {seconds} s after the fault or error line"
@@ -279,7 +313,7 @@ def test_fault(case: Case, datasets, tmp_path):
         errors = [line for line in stderr.splitlines() if line.startswith("hpcdl: error")]
         assert len(errors) == (1 if status else 0), stderr
         assert not (run_dir / "metrics.jsonl").exists() or status == 0, "a run that failed to start wrote a log"
-        if not before and status:
+        if not existed and status:
             assert not run_dir.exists(), "a run that failed to start must leave no run folder"
         if status:
             assert fingerprint(run_dir, data) == before, "existing files must be left untouched"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from hpcdl.comm import EXIT_ERROR, EXIT_REQUEUE
-from hpcdl.watchdog import AUTO_FLOOR_S
+from hpcdl.watchdog import AUTO_FACTOR, AUTO_FLOOR_S, StepLimit
 
 from conftest import REPO, mpi_command, run_mpi, run_watched
 
@@ -148,7 +148,7 @@ def measured(what: str, seconds: float, since: str = "the fault") -> str:
 def test_stopped_rank_is_ended_by_the_default_watchdog(long_data, tmp_path):
     job = Job(2, train_args(long_data, tmp_path / "run"))
     job.wait_for("hpcdl: 2 ranks on")
-    time.sleep(3)  # well past the watchdog's warm-up steps
+    time.sleep(3)  # many steps in: the limit follows their measured median
     ranks = job.ranks()
     os.kill(ranks[1], signal.SIGSTOP)  # a stuck file system, a node that keeps its socket
     stopped = time.monotonic()
@@ -162,6 +162,33 @@ def test_stopped_rank_is_ended_by_the_default_watchdog(long_data, tmp_path):
     assert "rank(s) 1 did not arrive at the step's communication" in text, text
     assert "rank 1: no report" in text and "run.watchdog_s 'auto'" in text, text
     assert time.monotonic() - stopped < AUTO_FLOOR_S + 15, note
+
+
+def test_auto_limit_allows_a_minute_until_steps_are_measured_then_follows_them():
+    limit = StepLimit("auto")
+    assert limit.seconds == AUTO_FLOOR_S, "a rank stopped in the first steps ends the job in about a minute"
+    assert "before any step is measured; set run.watchdog_s to seconds" in str(limit)
+    limit.record(10.0)  # a slow first step (allocation, first reads) loosens the limit at once
+    assert limit.seconds == AUTO_FACTOR * 10.0
+    for _ in range(20):
+        limit.record(0.01)
+    assert limit.seconds == AUTO_FLOOR_S and "the median step of 10 ms" in str(limit)
+
+
+@pytest.mark.parametrize(
+    ("fault", "phase", "rank"),
+    [("hang-eval@1:1", "evaluation after epoch 1", 1), ("hang-save@0:4", "checkpoint at step 4", 0)],
+)
+def test_a_rank_stuck_between_steps_is_ended_by_the_watchdog(fault, phase, rank, datasets, tmp_path):
+    sets = ("train.batch_size=32", "run.watchdog_s=5", "run.checkpoint_every=4")
+    args = [*train_args(datasets["synthetic"], tmp_path / "run", *sets), "--fault", fault]
+    status, _, stderr, seconds = run_watched(2, args, "injecting hang", timeout=90)
+    note = measured(f"{fault} with run.watchdog_s=5", seconds)
+    assert status != 0, stderr
+    assert f"watchdog: {phase} did not finish within 5 s" in stderr, stderr
+    assert f"rank(s) {rank} did not arrive at its communication (rank(s) {1 - rank} were waiting in it)" in stderr
+    assert f"  rank {rank}: {phase}, before its communication" in stderr, stderr
+    assert seconds < 15, note  # the limit, the reports' grace (3 s) and the launcher's end
 
 
 @pytest.mark.parametrize("where", ["init-everywhere", "init-on-rank-0"])
@@ -246,6 +273,17 @@ def test_singletons_of_a_mismatched_launcher_refuse_to_train(variable, datasets,
         assert "srun --mpi=pmi2" in lines[0] and "mpirun -n 2" in lines[0], lines[0]
     assert not run_dir.exists(), "a refused launch must not create the run folder"
     assert time.monotonic() - began < 30, note
+
+
+def test_a_one_rank_launch_inside_an_allocation_trains(datasets, tmp_path):
+    # mpiexec -n 1 sets PMI_SIZE=1 for this launch: the allocation's SLURM_NTASKS=4 is not a singleton's launcher.
+    run_dir = tmp_path / "run"
+    command = mpi_command(1, *train_args(datasets["digits"], run_dir, "train.max_steps=2"))
+    result = subprocess.run(
+        command, cwd=REPO, env=clean_env(SLURM_NTASKS="4"), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "hpcdl: 1 ranks on" in result.stdout and (run_dir / "model.pt").is_file(), result.stdout
 
 
 def test_init_exports_the_place_for_libraries():

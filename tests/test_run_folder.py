@@ -61,6 +61,24 @@ def test_a_fresh_start_never_buries_a_run_and_overwrite_moves_it_aside(datasets,
     assert checkpoint.load(checkpoint.resolve("latest", run_dir))["global_step"] == 2
 
 
+def test_logs_of_a_run_killed_before_its_first_checkpoint_are_never_appended_to(datasets, tmp_path):
+    data, run_dir = datasets["synthetic"], tmp_path / "run"
+    run_dir.mkdir()
+    old_line = '{"event": "step", "step": 1, "loss": 9.0}\n'
+    (run_dir / "metrics.jsonl").write_text(old_line)  # a run killed at step 2: logs, no checkpoint
+    before = fingerprint(run_dir)
+    refused = train(1, data, run_dir, "train.max_steps=2")
+    one_line_error(refused, "already holds a run that ended before its first checkpoint (metrics.jsonl)", "--overwrite")
+    assert fingerprint(run_dir) == before
+
+    restarted = train(1, data, run_dir, "train.max_steps=2", extra=("--resume", "auto"))  # a requeued job
+    assert restarted.returncode == 0, restarted.stderr
+    assert "--resume auto: no checkpoint to continue, so the run starts over" in restarted.stdout
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert fingerprint(aside) == before
+    assert old_line not in (run_dir / "metrics.jsonl").read_text()
+
+
 def test_a_live_run_holds_the_folder(datasets, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

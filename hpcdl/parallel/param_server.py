@@ -107,8 +107,8 @@ class ParameterServer(Strategy):
             # Workers never step their optimizer (the servers do); their schedulers step to keep the position.
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
         self.param_names = named_params(model, self.params)
-        self.version = 0  # async server: updates applied; async worker: the version of its parameters, per shard
-        self.versions = [0] * len(self.shards)
+        self.version = 0  # async server: the updates it has applied
+        self.versions = [0] * len(self.shards)  # async worker: each shard's server version its parameters hold
         self.staleness: Counter[int] = Counter()
         self.recomputed = 0
         self.sends: list = []
