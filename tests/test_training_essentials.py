@@ -68,7 +68,7 @@ exec(compile(MY_LOSSES, "my_losses.py", "exec"), pinball)
 pinball = pinball["pinball"]
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("ranks", [3])
 def test_regression_equals_one_process_and_metrics_equal_numpy(diabetes, tmp_path, ranks):
     train(ranks, diabetes, tmp_path / "mse")  # the task's default loss: mse
     expected = reference_train(diabetes, MODEL, seed=0, batch=BATCH, steps=STEPS, lr=LR, loss_fn=F.mse_loss)
