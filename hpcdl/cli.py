@@ -86,7 +86,7 @@ def _add_benchmarks(commands) -> None:
         ("dp", dp, "data parallel vs PyTorch DDP (gloo) vs one process"),
         ("allreduce", allreduce, "bucketed gradient sync vs one contiguous Allreduce"),
         ("comm", comm, "latency and bandwidth of MPI collectives over message sizes, fitted alpha-beta model"),
-        ("io", io, "loader throughput (block/global, cached/streamed) vs plain sequential reads, DLIO-style"),
+        ("io", io, "loader throughput (block/global/chunked; streamed/warm/cached) vs sequential reads, DLIO-style"),
         ("pipeline", pipeline, "GPipe/1F1B pipeline vs torch.distributed.pipelining vs one process, bubble"),
         ("infer", infer, "distributed scoring, static vs dynamic schedule (one rank slowed) vs a plain torch loop"),
         ("strategies", strategies, "data parallel vs parameter servers (sync, async) vs local SGD: speed, bytes, time"),

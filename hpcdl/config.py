@@ -95,7 +95,10 @@ class DataConfig:
     """Where samples come from and how they are split across ranks."""
 
     path: str = ""
-    partition: str = "global"  # global | block (how rows are dealt to ranks); "columns" is parallel.mode now
+    partition: str = "global"  # global | block | chunked (how rows are dealt to ranks); "columns" is parallel.mode now
+    # `chunked` order: rows per block (0: whole HDF5 chunks, about 1 MiB) and blocks shuffled together per window.
+    block_rows: int = number(0, Range(0, note="(0: whole chunks of the file, about 1 MiB)"))
+    window_blocks: int = number(16, POSITIVE)  # hpcdl.data.chunked.WINDOW_BLOCKS (tests hold them equal)
     cache_mb: float = number(1024.0, NON_NEGATIVE)  # a rank caches what it reads when it fits this budget
     prefetch: int = number(2, NON_NEGATIVE)  # batches read ahead by a background thread; 0 = synchronous
     scan: bool = False  # scan features for NaN/Inf before training
@@ -103,7 +106,7 @@ class DataConfig:
 
     def check(self) -> None:
         _need(bool(self.path), "data.path", "must name an HDF5 file (see datasets/README.md)")
-        _choice("data.partition", self.partition, ("global", "block", "columns"))
+        _choice("data.partition", self.partition, ("global", "block", "chunked", "columns"))
 
 
 # The built-in model families (hpcdl.models builds them and asserts the two lists are equal).

@@ -18,6 +18,7 @@ import torch
 from hpcdl import checkpoint, rundir
 from hpcdl.comm import World
 from hpcdl.config import Config
+from hpcdl.data.chunked import block_rows_of
 from hpcdl.data.loader import Loader, SplitReader
 from hpcdl.data.partition import DataShare, Partition
 from hpcdl.data.schema import DatasetInfo, validate
@@ -127,17 +128,21 @@ def prepare(
 def make_loaders(cfg: Config, world: World, info: DatasetInfo, share: DataShare) -> tuple[Loader, Loader]:
     """Train and validation loaders for this rank's share of every global batch (its columns only, if set)."""
     budget, dtype = cfg.data.cache_mb * 2**20, torch_dtype(cfg.model.dtype)
-    train_part = Partition(
-        info.sizes["train"], cfg.train.batch_size, share.rank, share.size, cfg.train.seed, cfg.data.partition,
-        drop_last=cfg.data.drop_last,
-    )  # fmt: skip
     val_part = Partition(info.sizes["val"], cfg.train.batch_size, share.rank, share.size, 0, shuffle=False)
 
     def loader(split: str, part: Partition) -> Loader:
-        reader = SplitReader(cfg.data.path, split, part.owned_range(), budget, share.columns)
+        reader = SplitReader(cfg.data.path, split, part.owned_range(), budget, share.columns, blocks=part.read_blocks())
         return Loader(reader, part, cfg.data.prefetch, dtype)
 
-    return world.agree(lambda: (loader("train", train_part), loader("val", val_part)))
+    def loaders() -> tuple[Loader, Loader]:
+        train_part = Partition(
+            info.sizes["train"], cfg.train.batch_size, share.rank, share.size, cfg.train.seed, cfg.data.partition,
+            drop_last=cfg.data.drop_last, window_blocks=cfg.data.window_blocks,
+            block_rows=block_rows_of(cfg.data.path, "train", cfg.data.block_rows),
+        )  # fmt: skip
+        return loader("train", train_part), loader("val", val_part)
+
+    return world.agree(loaders)
 
 
 def build_model(cfg: Config, info: DatasetInfo, layout: Layout, world: World) -> torch.nn.Module:
@@ -300,12 +305,13 @@ def resume_position(state: dict[str, Any], cfg: Config, info: DatasetInfo, notes
 def converted_step(position: RunState, old_batch: int, cfg: Config) -> int:
     """The step within the epoch that starts at the same sample under the new batch size, or a refusal."""
     new_batch, samples = cfg.train.batch_size, position.step_in_epoch * old_batch
-    if cfg.data.partition == "global" and samples % new_batch == 0:
+    # Both orders are cut from one sequence that does not depend on the batch size.
+    if cfg.data.partition in ("global", "chunked") and samples % new_batch == 0:
         return samples // new_batch
     raise HpcdlError(
         f"--resume: train.batch_size changed {old_batch} -> {new_batch} in the middle of epoch {position.epoch + 1} "
         f"(after {samples} samples, which {new_batch}-sample batches do not reach exactly"
-        + ("" if cfg.data.partition == "global" else f" with data.partition = {cfg.data.partition!r}")
+        + ("" if cfg.data.partition in ("global", "chunked") else f" with data.partition = {cfg.data.partition!r}")
         + f"); resume with train.batch_size = {old_batch} until the epoch ends, or one that divides {samples}"
     )
 

@@ -87,6 +87,13 @@ def run_watched(ranks: int, args: list[str], marker: str | tuple[str, ...], on_m
     return proc.returncode, out, "".join(err), (ended - seen[0]) if seen else None
 
 
+def assert_one_line(result, words: str) -> None:
+    """Exit 2, and stderr is the one line `hpcdl: error: ...` holding `words`."""
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("hpcdl: error: ") and words in lines[0], result.stderr
+
+
 def read_summary(run_dir: Path) -> dict:
     """The summary.json a run wrote."""
     return json.loads((Path(run_dir) / "summary.json").read_text())

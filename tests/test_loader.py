@@ -1,5 +1,6 @@
 """The loader: prefetch changes timing, never batches; direct, h5py, cached and column reads agree."""
 
+import os
 import time
 
 import h5py
@@ -100,6 +101,9 @@ class SlowReader:
         time.sleep(self.delay)
         return self.reader.read(indices)
 
+    def will_need(self, indices):
+        self.reader.will_need(indices)
+
 
 def test_prefetch_hides_reads_slower_than_nothing_but_faster_than_compute(files):
     part = Partition(TRAIN, 100, 0, 1, seed=0)
@@ -113,6 +117,24 @@ def test_prefetch_hides_reads_slower_than_nothing_but_faster_than_compute(files)
     # Without prefetch every read is waited for; with it, only the first one.
     assert min(waits[0]) >= 0.025
     assert np.mean(waits[2][1:]) < 0.01, waits[2]
+
+
+@pytest.mark.parametrize("scheme", ["global", "block", "chunked"])
+def test_streamed_reads_ask_the_kernel_for_the_rows_of_the_steps_ahead(files, scheme, monkeypatch):
+    hinted = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, at, size, advice: hinted.append((at, at + size, advice)))
+    part = Partition(TRAIN, 64, 1, 2, seed=0, scheme=scheme, block_rows=50, window_blocks=2)
+    reader = SplitReader(str(files["plain"]), "train", part.owned_range(), 0, blocks=part.read_blocks())
+    list(Loader(reader, part, 0).epoch(0))
+    assert {advice for _, _, advice in hinted} == {os.POSIX_FADV_WILLNEED}
+    starts, ends = np.array([h[0] for h in hinted]), np.array([h[1] for h in hinted])
+    for plan in part.epoch(0)[1:]:  # the first step is read at once; every later one was asked for before
+        rows = reader.direct._positions(plan.local)
+        assert all(((starts <= r) & (r + reader.direct.row_bytes <= ends)).any() for r in rows.tolist())
+    hinted.clear()
+    cached = SplitReader(str(files["plain"]), "train", part.owned_range(), 1e9, blocks=part.read_blocks())
+    list(Loader(cached, part, 0).epoch(0))
+    assert not hinted, "rows in memory need no hints"
 
 
 def test_a_read_error_in_the_prefetch_thread_reaches_the_step(files, tmp_path):

@@ -16,7 +16,7 @@ from hpcdl.data import make
 from hpcdl.errors import ConfigError
 from hpcdl.metrics import JsonlLog, strict_json
 
-from conftest import REPO, hpcdl_train, run_mpi
+from conftest import REPO, assert_one_line, hpcdl_train, run_mpi
 
 # ---- config: every numeric key is held to the Range its field declares ----------------------------------------
 
@@ -141,13 +141,6 @@ def test_command_line_says_one_line(tmp_path, assignment, key):
     assert not (tmp_path / "run").exists()
 
 
-def assert_one_line(result, words: str) -> None:
-    """Exit 2, and stderr is the one line `hpcdl: error: ...` holding `words`."""
-    lines = result.stderr.splitlines()
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("hpcdl: error: ") and words in lines[0], result.stderr
-
-
 # ---- library calls: checked on every rank before the first collective ----------------------------------------
 
 LIBRARY_CALLS = {  # the case in tests/scripts/bad_library_calls.py -> what its one line says
@@ -166,6 +159,7 @@ LIBRARY_CALLS = {  # the case in tests/scripts/bad_library_calls.py -> what its 
     "open shuffle": "hpcdl.data.open: shuffle must be True or False, got 'yes'",
     "open prefetch": "hpcdl.data.open: prefetch must be >= 0, got -1",
     "open cache_mb": "hpcdl.data.open: cache_mb must be a finite number >= 0, got inf",
+    "open window_blocks": "hpcdl.data.open: window_blocks must be a positive integer, got 0",
 }
 SCRIPT = str(REPO / "tests" / "scripts" / "bad_library_calls.py")
 

@@ -2,14 +2,16 @@
 
 For a file (default: generated synthetic sets of `--size-mb`, one per compression
 and chunk size), at each rank count, one MPI job times the loader's reads step
-by step for every variant: partition `block` / `global`, cached / streamed. The
-limit is plain sequential `pread`s of the same number of bytes of the same file
-by every rank at once. Before every streamed and raw run the file's pages are
-dropped from the page cache (`posix_fadvise(DONTNEED)`), so both read cold; the
-output says whether that held. A step's time is the slowest rank's; figures are
-mean and spread over steps with the first and last excluded, and a reduction
-checks that the ranks read every sample exactly once. Last, one real training
-run of the synthetic MLP (streamed, prefetch on) reports its data-wait share.
+by step for every variant: partition `block` / `global` / `chunked`, cached /
+streamed / warm (streamed from the page cache). The limit is plain sequential
+`pread`s of the same number of bytes of the same file by every rank at once.
+Before every streamed and raw run the file's pages are dropped from the page cache
+(`posix_fadvise(DONTNEED)`), so both read cold; the output says whether that held.
+A step's time is the slowest rank's; figures are mean and spread over steps with
+the first and last excluded, and a reduction checks that the ranks read every
+sample exactly once. The `chunked` order's randomness is reported beside a uniform
+permutation's. Last, one real training run of the synthetic MLP (streamed,
+prefetch on) reports its data-wait share.
 Run as `python -m hpcdl.bench.io --worker ...` it is the worker.
 """
 
@@ -30,7 +32,7 @@ from typing import Any
 from hpcdl.bench.common import mpiexec, provenance, provenance_line, run_worker, table, write_json
 
 RAW_BLOCK = 4 << 20  # bytes per plain read of the limit
-PARTITIONS, MODES = ("block", "global"), ("streamed", "cached")
+PARTITIONS, MODES = ("block", "global", "chunked"), ("streamed", "warm", "cached")
 
 
 def drop_cache(path: str) -> bool:
@@ -45,6 +47,13 @@ def drop_cache(path: str) -> bool:
         return True
     except (OSError, AttributeError):
         return False
+
+
+def warm_cache(path: str) -> None:
+    """Read a whole file once, so that its pages are in the page cache."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(RAW_BLOCK):
+            pass
 
 
 def _stats(step_s: list[float], samples: list[int], row_bytes: int) -> dict[str, float]:
@@ -77,17 +86,23 @@ def _time_loader(world, path: str, partition: str, mode: str, batch: int, max_st
     import h5py
     import numpy as np
 
+    from hpcdl.data.chunked import block_rows_of
     from hpcdl.data.loader import Loader, SplitReader
     from hpcdl.data.partition import Partition
 
     with h5py.File(path, "r") as f:
         n, row_bytes = f["train/x"].shape[0], f["train/x"].dtype.itemsize * math.prod(f["train/x"].shape[1:]) + 8
-    part = Partition(n, batch, world.rank, world.size, seed=0, scheme=partition)
+    block_rows = block_rows_of(path, "train", 0)
+    part = Partition(n, batch, world.rank, world.size, seed=0, scheme=partition, block_rows=block_rows)
     if mode == "streamed" and world.is_root:
         drop_cache(path)
+    if mode == "warm" and world.is_root:
+        warm_cache(path)
     world.comm.Barrier()
     began = time.perf_counter()
-    reader = SplitReader(path, "train", part.owned_range(), math.inf if mode == "cached" else 0)
+    reader = SplitReader(
+        path, "train", part.owned_range(), math.inf if mode == "cached" else 0, blocks=part.read_blocks()
+    )
     fill_s = time.perf_counter() - began
     times, counts, seen = [], [], 0
     world.comm.Barrier()
@@ -221,11 +236,31 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     if f"{key}_global_streamed_samples_per_s" in flat and f"{key}_block_streamed_samples_per_s" in flat:
         ratio = flat[f"{key}_global_streamed_samples_per_s"] / flat[f"{key}_block_streamed_samples_per_s"]
         flat["global_vs_block"] = round(ratio, 3)
+    if f"{key}_chunked_streamed_samples_per_s" in flat and f"{key}_block_streamed_samples_per_s" in flat:
+        ratio = flat[f"{key}_chunked_streamed_samples_per_s"] / flat[f"{key}_block_streamed_samples_per_s"]
+        flat["chunked_vs_block"] = round(ratio, 3)
+    if "chunked" in opts.partitions.split(","):
+        flat.update(_chunked_randomness(files[base]))
     if opts.train_steps:
         flat.update(_train_fraction(opts, files[base], top, folder))
     _report(flat, files, rank_counts, opts)
     write_json(opts.json, flat)
     return flat
+
+
+def _chunked_randomness(path: str) -> dict[str, Any]:
+    """The chunked order's randomness on this file (epoch 0), beside a uniform permutation's."""
+    import h5py
+    import numpy as np
+
+    from hpcdl.data.chunked import WINDOW_BLOCKS, block_rows_of, chunked_order, gap_summary
+
+    with h5py.File(path, "r") as f:
+        n = f["train/x"].shape[0]
+    block_rows = block_rows_of(path, "train", 0)
+    order = chunked_order(n, block_rows, WINDOW_BLOCKS, np.random.default_rng([0, 0]))
+    figures = {"chunked_block_rows": block_rows, "chunked_window_blocks": WINDOW_BLOCKS}
+    return figures | {f"chunked_{k}": v for k, v in gap_summary(order, block_rows).items()}
 
 
 def _report(flat: dict[str, Any], files: dict[str, str], rank_counts: list[int], opts: argparse.Namespace) -> None:
@@ -252,6 +287,15 @@ def _report(flat: dict[str, Any], files: dict[str, str], rank_counts: list[int],
         lines.append(f"block streamed vs raw: {flat['block_vs_raw']:.2f} (aim >= 0.8)")
     if "global_vs_block" in flat:
         lines.append(f"global vs block, streamed: {flat['global_vs_block']:.2f} (aim >= 0.5)")
+    if "chunked_vs_block" in flat:
+        lines.append(f"chunked vs block, streamed: {flat['chunked_vs_block']:.2f}")
+    if "chunked_neighbour_gap" in flat:
+        lines.append(
+            f"chunked order ({flat['chunked_block_rows']}-row blocks, {flat['chunked_window_blocks']} per window): "
+            f"file neighbours {flat['chunked_neighbour_gap']:,.0f} samples apart "
+            f"(uniform {flat['chunked_neighbour_gap_uniform']:,.0f}); next sample from the same block "
+            f"{100 * flat['chunked_same_block']:.1f}% (uniform {100 * flat['chunked_same_block_uniform']:.1f}%)"
+        )
     if "train_data_fraction" in flat:
         lines.append(
             f"training synthetic-mlp streamed, prefetch {opts.prefetch}: data {100 * flat['train_data_fraction']:.1f}% "
@@ -270,8 +314,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-kb", default="1024,64", help="generated sets' chunk sizes in KiB (first: the base)")
     parser.add_argument("--dir", help="where generated sets are kept and reused (default: a temporary folder)")
     parser.add_argument("--ranks", default="1,2", help="rank counts, comma-separated")
-    parser.add_argument("--partitions", default="block,global")
-    parser.add_argument("--modes", default="streamed,cached")
+    parser.add_argument("--partitions", default=",".join(PARTITIONS))
+    parser.add_argument("--modes", default=",".join(MODES), help="streamed (cold), warm (page cache), cached")
     parser.add_argument("--batch", type=int, default=256, help="global batch")
     parser.add_argument("--max-steps", type=int, default=0, help="steps per variant (default: one epoch)")
     parser.add_argument("--train-steps", type=int, default=200, help="steps of the training run (0: skip it)")
@@ -285,7 +329,7 @@ if __name__ == "__main__":
     cli.add_argument("--worker", action="store_true")
     cli.add_argument("--files", required=True)
     cli.add_argument("--batch", type=int, default=256)
-    cli.add_argument("--partitions", default="block,global")
-    cli.add_argument("--modes", default="streamed,cached")
+    cli.add_argument("--partitions", default=",".join(PARTITIONS))
+    cli.add_argument("--modes", default=",".join(MODES))
     cli.add_argument("--max-steps", type=int, default=0)
     _worker(cli.parse_args())

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # imported lazily: `python -m hpcdl data ...` must not start 
     from hpcdl.data.partition import DataShare
     from hpcdl.data.schema import DatasetInfo
 
-PARTITIONS = ("global", "block")
+PARTITIONS = ("global", "block", "chunked")
 
 
 class RankLoader:
@@ -59,6 +59,8 @@ def _check_arguments(
     drop_last: Any,
     prefetch: Any,
     cache_mb: Any,
+    block_rows: Any,
+    window_blocks: Any,
 ) -> None:
     """open's arguments, held to the config's ranges: a ConfigError naming the first one that is wrong."""
     from hpcdl.config import NON_NEGATIVE, POSITIVE, SEEDS, check_choice, check_flag, check_number, check_path
@@ -74,6 +76,8 @@ def _check_arguments(
     check_flag("hpcdl.data.open: drop_last", drop_last)
     check_number("hpcdl.data.open: prefetch", prefetch, NON_NEGATIVE, integer=True)
     check_number("hpcdl.data.open: cache_mb", cache_mb, NON_NEGATIVE)
+    check_number("hpcdl.data.open: block_rows", block_rows, NON_NEGATIVE, integer=True)
+    check_number("hpcdl.data.open: window_blocks", window_blocks, POSITIVE, integer=True)
 
 
 def open(  # noqa: A001 - hpcdl.data.open, like h5py.File / builtins.open for a dataset
@@ -87,6 +91,8 @@ def open(  # noqa: A001 - hpcdl.data.open, like h5py.File / builtins.open for a 
     drop_last: bool = False,
     prefetch: int = 2,
     cache_mb: float = 1024.0,
+    block_rows: int = 0,
+    window_blocks: int = 16,
     world: World | None = None,
     share: DataShare | None = None,
 ) -> tuple[RankLoader, DatasetInfo]:
@@ -96,10 +102,12 @@ def open(  # noqa: A001 - hpcdl.data.open, like h5py.File / builtins.open for a 
     `shuffle` defaults to True for "train", False otherwise. `share` (default: the world's
     rank of its size) names this rank's share when several ranks read the same batches,
     e.g. a pipeline's stages: `share=pipe.share` (a strategy's `DataShare`, columns included).
+    `block_rows` (0: whole chunks, about 1 MiB) and `window_blocks` shape the `chunked` order.
     A bad file or argument ends
     every rank with one message (the check runs before any collective that depends on it).
     """
     from hpcdl.api import init
+    from hpcdl.data.chunked import block_rows_of
     from hpcdl.data.loader import Loader, SplitReader
     from hpcdl.data.partition import Partition
     from hpcdl.data.schema import validate
@@ -107,7 +115,9 @@ def open(  # noqa: A001 - hpcdl.data.open, like h5py.File / builtins.open for a 
     world = world or init()
 
     def check() -> DatasetInfo | None:
-        _check_arguments(path, split, batch_size, partition, seed, shuffle, drop_last, prefetch, cache_mb)
+        _check_arguments(
+            path, split, batch_size, partition, seed, shuffle, drop_last, prefetch, cache_mb, block_rows, window_blocks
+        )
         return validate(path, splits=(split,)) if world.is_root else None
 
     info = world.comm.bcast(world.agree(check), root=0)
@@ -120,7 +130,10 @@ def open(  # noqa: A001 - hpcdl.data.open, like h5py.File / builtins.open for a 
         partition,
         shuffle=split == "train" if shuffle is None else shuffle,
         drop_last=drop_last,
+        block_rows=world.agree(lambda: block_rows_of(path, split, block_rows)),  # read from the file on every rank
+        window_blocks=window_blocks,
     )
     columns = share.columns if share is not None else None
-    reader = world.agree(lambda: SplitReader(path, split, part.owned_range(), cache_mb * 2**20, columns))
+    budget, blocks = cache_mb * 2**20, part.read_blocks()
+    reader = world.agree(lambda: SplitReader(path, split, part.owned_range(), budget, columns, blocks=blocks))
     return RankLoader(Loader(reader, part, prefetch)), info

@@ -61,10 +61,28 @@ class DirectRows:
             return None  # a chunk never written: HDF5 would return the fill value
         return cls(path, offsets, chunk_rows, row_bytes, columns, dtype.itemsize)
 
+    def _positions(self, indices: np.ndarray) -> np.ndarray:
+        """The file offset of each row's first byte."""
+        chunk = indices // self.chunk_rows
+        return self.offsets[chunk] + (indices - chunk * self.chunk_rows) * self.row_bytes
+
+    def will_need(self, indices: np.ndarray) -> None:
+        """Have the kernel start reading rows `indices` into the page cache now, for a read_rows later.
+
+        posix_fadvise(WILLNEED) returns once the reads are queued: the disk works on the
+        next steps' rows while this step's are copied and used, as it does for a stream.
+        Rows closer than MAX_GAP are asked for as one range.
+        """
+        starts = np.sort(self._positions(indices))
+        ends = starts + self.row_bytes
+        breaks = np.flatnonzero(starts[1:] - ends[:-1] > MAX_GAP) + 1
+        firsts, lasts = starts[[0, *breaks.tolist()]], ends[[*(breaks - 1).tolist(), len(ends) - 1]]
+        for first, last in zip(firsts.tolist(), lasts.tolist()):
+            os.posix_fadvise(self.fd, first, last - first, os.POSIX_FADV_WILLNEED)
+
     def read_rows(self, sorted_indices: np.ndarray, out: np.ndarray) -> None:
         """Fill out[k] with row sorted_indices[k], in as few `preadv` calls as the file layout allows."""
-        chunk = sorted_indices // self.chunk_rows
-        positions = self.offsets[chunk] + (sorted_indices - chunk * self.chunk_rows) * self.row_bytes
+        positions = self._positions(sorted_indices)
         if self.column_bytes is not None:
             skip, width = self.column_bytes
             segments = [(out[k], p, width) for k, p in enumerate((positions + skip).tolist())]

@@ -4,6 +4,14 @@
 is cut into `size` contiguous local batches. The sample order, and so the result,
 does not depend on the number of ranks.
 
+`chunked`: like `global`, from an order that reads at disk speed (hpcdl.data.chunked):
+blocks of consecutive rows in a random order, rows shuffled within windows of
+blocks. Each global batch is sorted before it is cut, so a rank's share lies in a
+band of the window's blocks: it reads about 1/size of each window, whole blocks at a
+time, plus the blocks at its band's edges (with 16-block windows each block is read 1.2
+times per epoch over 2 ranks, 1.6 over 4; every rank reading every block would be 2 and 4).
+The sort changes only which rank holds which sample of the batch, not the batch.
+
 `block`: each rank owns a contiguous block of the split (large sequential reads),
 shuffled locally per epoch and cut into as many local batches as there are steps.
 The local shuffle is windowed: windows of WINDOW_BATCHES local batches of
@@ -15,8 +23,8 @@ on every rank, only its own feature columns: its rows are planned as `global` wi
 one data share (the strategy's DataShare has size 1).
 
 Either way every sample is used exactly once per epoch. With `drop_last`, the
-final partial global batch (`global`) or each block's tail beyond
-steps x local batch (`block`) is left out, the same samples at any scale for `global`.
+final partial global batch (`global`, `chunked`) or each block's tail beyond
+steps x local batch (`block`) is left out, the same samples at any scale for `global` and `chunked`.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from hpcdl.data.chunked import BLOCK_ROWS, WINDOW_BLOCKS, chunked_order
 
 NO_ROWS = np.empty(0, dtype=np.int64)
 # Local batches per shuffle window of the `block` scheme: reads stay sequential, batches still mix.
@@ -78,9 +88,12 @@ class Partition:
         scheme: str = "global",
         shuffle: bool = True,
         drop_last: bool = False,
+        block_rows: int = BLOCK_ROWS,
+        window_blocks: int = WINDOW_BLOCKS,
     ):
         self.n, self.batch_size, self.rank, self.size = n, batch_size, rank, size
         self.seed, self.scheme, self.shuffle, self.drop_last = seed, scheme, shuffle, drop_last
+        self.block_rows, self.window_blocks = block_rows, window_blocks  # `chunked` only
         self.blocks = block_sizes(n, size)
 
     def steps_per_epoch(self) -> int:
@@ -97,6 +110,17 @@ class Partition:
             return start, start + int(self.blocks[self.rank])
         return 0, self.n
 
+    def read_blocks(self) -> tuple[int, int] | None:
+        """(rows per block, blocks to keep) for a streaming reader of the `chunked` order; None for the others.
+
+        A rank's share of a step touches one band of its window's blocks, or two windows'
+        where a batch straddles them: keeping two windows' blocks (more for batches larger
+        than a window) reads each block once per epoch.
+        """
+        if self.scheme != "chunked" or not self.shuffle:
+            return None
+        return self.block_rows, self.window_blocks * (2 + self.batch_size // (self.window_blocks * self.block_rows))
+
     def epoch(self, epoch: int) -> list[StepPlan]:
         """This rank's plan for every step of `epoch` (empty rows for a rank that reads none)."""
         if self.rank is None:
@@ -104,15 +128,24 @@ class Partition:
         return self._plans(epoch, self.rank)
 
     def _plans(self, epoch: int, rank: int) -> list[StepPlan]:
-        return self._global(epoch, rank) if self.scheme == "global" else self._block(epoch, rank)
+        return self._block(epoch, rank) if self.scheme == "block" else self._global(epoch, rank)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """The epoch's sample order over all ranks (`global`, `chunked`): a function of (seed, epoch) only."""
+        if not self.shuffle:
+            return np.arange(self.n)
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.scheme == "chunked":
+            return chunked_order(self.n, self.block_rows, self.window_blocks, rng)
+        return rng.permutation(self.n)
 
     def _global(self, epoch: int, rank: int) -> list[StepPlan]:
-        order = np.arange(self.n)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        order = self._order(epoch)
         plans = []
         for step in range(self.steps_per_epoch()):
             batch = order[step * self.batch_size : (step + 1) * self.batch_size]
+            if self.scheme == "chunked":
+                batch = np.sort(batch)  # each rank's share: a band of the window's blocks (see module doc)
             local = np.array_split(batch, self.size)[rank]
             plans.append(StepPlan(local, len(batch)))
         return plans

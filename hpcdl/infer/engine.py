@@ -163,7 +163,8 @@ def score(world: World, job: Job, sink: PredictionFile | GatheredRows) -> tuple[
         # Claimed chunks not yet scored are what a slow rank holds back. The prefetch thread claims them: MPI from
         # two threads, so without MPI_THREAD_MULTIPLE the loop claims and reads them itself.
         prefetch = min(request.prefetch, 1) if mpi().Query_thread() == mpi().THREAD_MULTIPLE else 0
-    loader = Loader(reader, plan, prefetch, job.model.dtype)
+    # Scoring reads each row once, in order: spans, no read-ahead hints (claimed chunks are not known ahead).
+    loader = Loader(reader, plan, prefetch, job.model.dtype, read_ahead=0)
     tally = Tally(job.model.classes) if source.labelled else None
     bar = Progress(source.rows, desc=f"/{request.split}", unit="samples", enabled=world.is_root and request.progress)
     mine, failure = 0, None

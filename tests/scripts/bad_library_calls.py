@@ -37,6 +37,7 @@ CALLS: dict[str, Callable[[], object]] = {
     "open shuffle": lambda: hpcdl.data.open(MISSING, shuffle="yes"),
     "open prefetch": lambda: hpcdl.data.open(MISSING, prefetch=-1),
     "open cache_mb": lambda: hpcdl.data.open(MISSING, cache_mb=float("inf")),
+    "open window_blocks": lambda: hpcdl.data.open(MISSING, partition="chunked", window_blocks=0),
 }
 
 
