@@ -45,7 +45,7 @@ def expected(datasets) -> dict[str, torch.Tensor]:
     return reference_train(datasets["synthetic"], ModelConfig(hidden=HIDDEN), seed=0, batch=BATCH, steps=STEPS, lr=LR)
 
 
-@pytest.mark.parametrize(("ranks", "servers"), [(3, 1), (4, 2)])
+@pytest.mark.parametrize(("ranks", "servers"), [(3, 1), (3, 2), (4, 1), (4, 2)])
 def test_ps_sync_matches_one_process(datasets, expected, tmp_path, ranks, servers):
     result = train_strategy(datasets, tmp_path, ranks, "parallel.mode='ps-sync'", f"parallel.servers={servers}")
     assert result.returncode == 0, result.stderr
@@ -113,7 +113,7 @@ def test_local_sgd_equals_a_simulation_of_its_ranks(datasets, tmp_path):
     assert read_summary(tmp_path)["local_sgd"]["averages"] == 2
 
 
-@pytest.mark.parametrize("ranks", [4])  # three workers: the most interleaving on two cores
+@pytest.mark.parametrize("ranks", [3, 4])
 def test_ps_async_converges_within_its_staleness_bound(datasets, tmp_path, ranks):
     workers = ranks - 1
     sets = (
@@ -154,7 +154,7 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize("mode", ["ps-sync", "local-sgd"])  # ps-async resumes as ps-sync does
+@pytest.mark.parametrize("mode", sorted(MODES))
 def test_kill_and_signal_end_every_rank_and_resume(datasets, tmp_path, mode):
     sets = (*MODES[mode], "run.checkpoint_every=4", "train.batch_size=48")
     whole = tmp_path / "whole"

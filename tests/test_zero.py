@@ -24,7 +24,8 @@ def final_model(run_dir) -> dict:
     return checkpoint.load(checkpoint.resolve("latest", run_dir))["model"]
 
 
-@pytest.mark.parametrize(("stage", "ranks"), [(1, 3), (2, 2), (2, 3), (2, 4)])
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+@pytest.mark.parametrize("stage", [1, 2])
 def test_zero_with_sgd_matches_one_process(datasets, tmp_path, stage, ranks):
     result = train(datasets, tmp_path, ranks, "parallel.mode='zero'", f"parallel.zero_stage={stage}")
     assert result.returncode == 0, result.stderr
