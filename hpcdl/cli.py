@@ -1,4 +1,5 @@
-"""The command line: hpcdl data | train | sweep | checkpoint | plot | infer | evaluate | export | bench | scale | slurm.
+"""The command line: hpcdl data | train | sweep | checkpoint | plot | infer | evaluate | export | prune | bench | scale
+| slurm.
 
 Building the parser imports no torch, h5py or mpi4py (every command module defers them to the
 command itself), so `--help` and bad usage answer at once.
@@ -99,6 +100,7 @@ def _add_benchmarks(commands) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
+    from hpcdl.compress.commands import register as register_prune
     from hpcdl.data.commands import register as register_data
     from hpcdl.infer.commands import register as register_infer
     from hpcdl.scale import register as register_scale
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", metavar="FOLDER", help="where the PNGs go (default: RUN_DIR)")
     plot.set_defaults(func=_plot)
     register_infer(commands)
+    register_prune(commands)
     register_sweep(commands)
     _add_benchmarks(commands)
     register_scale(commands)

@@ -253,6 +253,20 @@ class ParallelConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class PruneConfig:
+    """Gradual magnitude pruning during training (hpcdl.compress.prune): one global threshold over the model's
+    Linear/Conv weights, sparsity ramped cubically from 0 at `start` to `final_sparsity` at `end` (steps)."""
+
+    final_sparsity: float = number(0.0, Range(0, high=1, note="(0 turns pruning off)"))
+    start: int = number(0, NON_NEGATIVE)  # the step of the ramp's first update (sparsity 0 there)
+    end: int = number(0, NON_NEGATIVE)  # the step it reaches final_sparsity; masks are kept from then on
+    every: int = number(100, POSITIVE)  # steps between mask updates on the ramp
+
+    def check(self) -> None:
+        _need(self.end >= self.start, "prune.end", f"must be >= prune.start = {self.start}, got {self.end}")
+
+
+@dataclass(kw_only=True, slots=True)
 class Config:
     """A whole run's configuration, one field per TOML section."""
 
@@ -261,6 +275,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     source: str = ""  # where it came from (file or named config), for logs and checkpoints
     folder: str = ""  # the config file's folder: where model.factory's module is also looked for
     notes: list[str] = field(default_factory=list)  # said once at start (e.g. a deprecated key)
@@ -286,6 +301,9 @@ class Config:
             )
             self.data.partition, self.parallel.mode = "global", "columns"
             self.notes.append("data.partition = 'columns' is deprecated: use parallel.mode = 'columns'")
+        pruned = self.prune.final_sparsity > 0 and self.parallel.mode in ("local-sgd", "ps-sync", "ps-async")
+        _need(not pruned, "prune.final_sparsity", f"> 0 needs parallel.mode data, pipeline, tensor, columns or zero, "
+              f"not {self.parallel.mode!r} (its ranks' weights differ between syncs)")  # fmt: skip
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -293,7 +311,7 @@ class Config:
         return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
 
 
-SECTIONS = ("data", "model", "train", "run", "parallel")
+SECTIONS = ("data", "model", "train", "run", "parallel", "prune")
 
 
 def _need(ok: bool, key: str, what: str) -> None:

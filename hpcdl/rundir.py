@@ -39,6 +39,8 @@ FREE_TO_CHANGE = {
     "parallel": {"bucket_mb", "overlap", "compression", "accumulate_steps", "micro_batches", "schedule", "balance",
                  "cuts", "stages", "replicas", "tensor", "mode", "local_steps", "post_local_steps",
                  "average_optimizer", "servers", "max_staleness", "deterministic", "zero_stage"},
+    # The masks live in the weights (hpcdl.compress.prune): a new ramp continues from them; older runs have none.
+    "prune": {"final_sparsity", "start", "end", "every"},
 }  # fmt: skip
 # A batch size change moves every later step's samples: allowed only where the position converts exactly.
 BATCH_KEY = ("train", "batch_size")

@@ -18,6 +18,7 @@ import torch
 
 from hpcdl import checkpoint
 from hpcdl.comm import World
+from hpcdl.compress.prune import Pruner
 from hpcdl.config import Config, TrainConfig
 from hpcdl.data.loader import Batch, Loader
 from hpcdl.errors import HpcdlError, TrialFailed
@@ -128,6 +129,7 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts:
     optimizer = parts.optimizer(strategy.params) if parts.optimizer else build_optimizer(cfg.train, strategy.params)
     scheduler = build_scheduler(cfg, parts, optimizer, steps_per_epoch)
     restore(strategy, optimizer, scheduler, saved, cfg.parallel.accumulate_steps)
+    pruner = Pruner.for_run(cfg.prune, strategy, setup.position.global_step)  # [prune]: masks kept after each step
     state, dataset = setup.position, dataset_identity(setup.info)
     best = BestEpoch.from_config(cfg.run, saved and saved.get("best"))
     scaler = LossScaler.for_precision(cfg.train.precision, saved and saved.get("loss_scale"))
@@ -170,6 +172,8 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts:
                                 cfg, strategy, optimizer, scaler, verdict, steps_log.due(step), clock.timer
                             )
                             scheduler.step()  # the rate follows the position, a skipped step included
+                            if pruner:
+                                pruner.after_step(step)
                     counted = result.vector(len(sums)) if verdict.apply else 0.0
                     sums += counted
                     steps_log.sums += counted
@@ -212,6 +216,7 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts:
         if stopped_early:
             best_figures = {"stopped_early": True, "best_epoch": best.best_epoch, f"best_{best.metric}": best.best}
             history = {**history, **best_figures}
+        history = {**history, **(pruner.summary() if pruner else {})}
         return finish(cfg, world, strategy, setup, state, clock, history, elapsed, log, watchdog)
     except TrialFailed:  # a contained group's trial failed on every rank: end this run's threads, go on
         steps_log.events.close()

@@ -72,6 +72,14 @@ class Strategy(ABC):
         """Indices into `params` of those split over `split_group`; the others are whole and equal on its ranks."""
         return set()
 
+    def prune_weights(self) -> list[tuple[torch.Tensor, bool]]:
+        """This rank's weights that magnitude pruning may zero (hpcdl.compress.prune): the parameters of two or more
+        dimensions (Linear and Conv weights), each with True when it is a block of a tensor split over `split_group`
+        (its elements are counted on every rank of the group), False when it is whole and the same on every rank of
+        the group (counted once). Replicas hold the same weights, so each replica group finds the same threshold."""
+        split = self.split_param_ids()
+        return [(p, index in split) for index, p in enumerate(self.params) if p.dim() >= 2]
+
     def grad_norm(self) -> float:
         """The L2 norm of the whole model's summed gradient, the same on every rank.
 

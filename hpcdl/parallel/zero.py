@@ -186,6 +186,11 @@ class ZeroDataParallel(Strategy):
         """The slice is this rank's part of the whole gradient: norms add over the ranks."""
         return {0}
 
+    def prune_weights(self) -> list[tuple[torch.Tensor, bool]]:
+        """Every rank holds the whole model after the Allgather: its weights are counted whole (views into `flat`,
+        so zeroing them zeroes the slice the optimizer steps too)."""
+        return [(p, False) for p in self.whole if p.dim() >= 2]
+
     @property
     def bytes_per_sync(self) -> int:
         """Bytes summed and gathered per step: Allreduce + Allgather (stage 1), Reduce_scatter + Allgather (2)."""

@@ -1,0 +1,76 @@
+"""`hpcdl prune RUN_DIR --sparsity S [--structured l1|l2 --fraction F] --out DIR`: a trained run's model pruned
+into a new run folder (a checkpoint with the run's config, hidden sizes changed if structured, and model.pt) that
+`hpcdl export`, `hpcdl infer` and `hpcdl evaluate` take like any run."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from hpcdl.errors import HpcdlError
+
+
+def prune_run(target: str, out: str, sparsity: float, structured: str | None, fraction: float) -> dict:
+    """Load `target`'s newest valid checkpoint, prune (neurons first, then weights), write OUT; what was done."""
+    from hpcdl import checkpoint
+    from hpcdl.compress import prune
+    from hpcdl.infer.model import locate, output_classes, run_config
+    from hpcdl.models import build, torch_dtype
+
+    for name, value in (("--sparsity", sparsity), ("--fraction", fraction)):
+        if not (math.isfinite(value) and 0 <= value < 1):
+            raise HpcdlError(f"{name} must be >= 0 and < 1, got {value}")
+    notes: list[str] = []
+    path = locate(target, notes)
+    state = checkpoint.load(path)
+    cfg = run_config(state, path)
+    if structured and cfg.model.name != "mlp":
+        raise HpcdlError(f"--structured prunes an MLP's hidden neurons; {path} holds a {cfg.model.name!r} model")
+    shape = tuple(state.get("dataset", {}).get("feature_shape") or ())
+    if not shape:
+        raise HpcdlError(f"checkpoint {path} does not record its data's sample shape (written by an older hpcdl?)")
+    model = build(cfg.model, shape, output_classes(state["model"]), cfg.train.seed, cfg.folder, "cpu",
+                  torch_dtype(cfg.model.dtype))  # fmt: skip
+    checkpoint.restore_model(model, state, path)
+    before = sum(p.numel() for p in model.parameters())
+    if structured:
+        kept = prune.keep_neurons(model, fraction, structured)
+        model = prune.prune_neurons(model, kept)
+        cfg.model.hidden = [len(k) for k in kept]
+    threshold, k = prune.prune_module(model, sparsity)
+    zeros, weights = prune.sparsity_of(model)
+    out_dir = Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise HpcdlError(f"--out {out}: folder is not empty (a pruned model goes to a new folder)")
+    weights_only = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    cfg.run.dir = str(out_dir)
+    saved = {key: state[key] for key in ("dataset", "source", "epoch", "global_step", "step_in_epoch") if key in state}
+    saved.update(model=weights_only, config=cfg.to_dict(), pruned_from=str(path))
+    checkpoint.save(out_dir, int(state.get("global_step", 0)), saved, keep=1)
+    checkpoint.save_weights(out_dir, weights_only)
+    return {
+        "checkpoint": str(path), "out": str(out_dir), "parameters_before": before,
+        "parameters": sum(t.numel() for t in weights_only.values()), "hidden": list(cfg.model.hidden),
+        "threshold": threshold, "pruned": zeros, "weights": weights, "k": k,
+    }  # fmt: skip
+
+
+def _prune(args: argparse.Namespace) -> int:
+    done = prune_run(args.run_dir, args.out, args.sparsity, args.structured, args.fraction)
+    print(
+        f"hpcdl: pruned {done['checkpoint']}: {done['parameters_before']:,} -> {done['parameters']:,} parameters"
+        f" (hidden {done['hidden']}), {done['pruned']:,} of {done['weights']:,} weights zero; wrote {done['out']}"
+    )
+    return 0
+
+
+def register(commands) -> None:
+    """Add `prune` to the top-level subcommands."""
+    prune = commands.add_parser("prune", help="a trained run's model pruned (magnitude, or MLP neurons) into OUT")
+    prune.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (its newest valid checkpoint) or a checkpoint")
+    prune.add_argument("--sparsity", type=float, default=0.0, help="fraction of Linear/Conv weights zeroed (global)")
+    prune.add_argument("--structured", choices=("l1", "l2"), help="drop MLP hidden neurons by their weights' norm")
+    prune.add_argument("--fraction", type=float, default=0.5, help="with --structured: each layer's share dropped")
+    prune.add_argument("--out", required=True, metavar="DIR", help="the new run folder (checkpoint and model.pt)")
+    prune.set_defaults(func=_prune)
