@@ -79,7 +79,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _add_benchmarks(commands) -> None:
-    from hpcdl.bench import allreduce, comm, dp, infer, io, pipeline, strategies, zero
+    from hpcdl.bench import allreduce, comm, compress, dp, infer, io, pipeline, strategies, zero
 
     bench = commands.add_parser("bench", help="benchmarks: hpcdl and its peers side by side, ratios printed")
     kinds = bench.add_subparsers(dest="benchmark", required=True)
@@ -92,6 +92,7 @@ def _add_benchmarks(commands) -> None:
         ("infer", infer, "distributed scoring, static vs dynamic schedule (one rank slowed) vs a plain torch loop"),
         ("strategies", strategies, "data parallel vs parameter servers (sync, async) vs local SGD: speed, bytes, time"),
         ("zero", zero, "data parallel vs ZeRO-1/2 vs torch ZeroRedundancyOptimizer: speed, memory per rank"),
+        ("compress", compress, "teacher vs student alone vs distilled (online, precomputed) vs int8: accuracy, speed"),
     ):
         parser = kinds.add_parser(name, help=summary)
         module.add_arguments(parser)

@@ -252,6 +252,34 @@ class ParallelConfig:
         _choice("parallel.compression", self.compression, COMPRESSIONS)
 
 
+# Modes whose step scores each rank's whole rows at once (hpcdl.distill's teacher sees the same rows).
+DISTILL_MODES = ("data", "zero", "local-sgd", "ps-sync", "ps-async")
+
+
+@dataclass(kw_only=True, slots=True)
+class DistillConfig:
+    """Knowledge distillation (hpcdl.distill): on when `teacher` (online) or `logits` (precomputed) is given."""
+
+    teacher: str = ""  # a trained run's folder (its newest valid checkpoint) or a checkpoint; "" = off
+    temperature: float = number(2.0, ABOVE_ZERO)  # T: both softmaxes at T, the KL term times T^2
+    alpha: float = 0.5  # weight of the KL term; 1 - alpha weighs the hard-label cross-entropy
+    source: str = "online"  # online: the teacher scores each batch | precomputed: logits read with the data
+    logits: str = ""  # precomputed: `hpcdl infer --split train --outputs logits` of the teacher
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher or self.logits)
+
+    def check(self) -> None:
+        _choice("distill.source", self.source, ("online", "precomputed"))
+        alpha = self.alpha
+        _need(_finite(alpha) and 0 <= alpha <= 1, "distill.alpha", f"must be within [0, 1], got {alpha!r}")
+        if self.source == "online":
+            _need(not self.logits, "distill.logits", "is read only with distill.source = 'precomputed'")
+        else:
+            _need(bool(self.logits), "distill.logits", "must name the teacher's logits file (source 'precomputed')")
+
+
 @dataclass(kw_only=True, slots=True)
 class PruneConfig:
     """Gradual magnitude pruning during training (hpcdl.compress.prune): one global threshold over the model's
@@ -276,6 +304,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     source: str = ""  # where it came from (file or named config), for logs and checkpoints
     folder: str = ""  # the config file's folder: where model.factory's module is also looked for
     notes: list[str] = field(default_factory=list)  # said once at start (e.g. a deprecated key)
@@ -304,14 +333,17 @@ class Config:
         pruned = self.prune.final_sparsity > 0 and self.parallel.mode in ("local-sgd", "ps-sync", "ps-async")
         _need(not pruned, "prune.final_sparsity", f"> 0 needs parallel.mode data, pipeline, tensor, columns or zero, "
               f"not {self.parallel.mode!r} (its ranks' weights differ between syncs)")  # fmt: skip
+        mode = self.parallel.mode
+        _need(not self.distill.enabled or mode in DISTILL_MODES, "distill",
+              f"works with parallel.mode {', '.join(DISTILL_MODES)}, not {mode!r}")  # fmt: skip
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict, as TOML would hold it (for logs and checkpoints)."""
-        return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+        """Plain nested dict, as TOML would hold it (for logs and checkpoints); [distill] only when on."""
+        return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS if s != "distill" or self.distill.enabled}
 
 
-SECTIONS = ("data", "model", "train", "run", "parallel", "prune")
+SECTIONS = ("data", "model", "train", "run", "parallel", "prune", "distill")
 
 
 def _need(ok: bool, key: str, what: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from hpcdl import checkpoint, rundir
+from hpcdl import checkpoint, distill, rundir
 from hpcdl.comm import World
 from hpcdl.config import Config
 from hpcdl.data.chunked import block_rows_of
@@ -97,6 +97,7 @@ def prepare(
     def build_rank_parts() -> Setup:
         layout = Layout.from_config(cfg, world.size)
         objective = make_objective(info.task, cfg.train.loss, info.target_shape, cfg.folder, loss_fn)
+        objective = distill.wrap(cfg, info, objective, notes)  # [distill]: the teacher's logits in the loss
         check_early_stop(cfg, objective)
         if cfg.run.tensorboard:
             check_tensorboard()

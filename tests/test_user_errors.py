@@ -24,6 +24,7 @@ from conftest import REPO, assert_one_line, hpcdl_train, run_mpi
 CHECKED_ELSEWHERE = {
     "run.watchdog_s": "'auto' or seconds: RunConfig.check",
     "parallel.cuts": "against the model's layers: parallel.layout",
+    "distill.alpha": "within [0, 1], both ends included: DistillConfig.check (tests/test_distill.py)",
 }
 
 

@@ -22,6 +22,9 @@ def _scoring_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch threads per rank (default: cores / ranks on the node)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="let every rank log, prefixed with its rank")
+    parser.add_argument(
+        "--quantize", default="none", help="int8: score with Linear/LSTM layers as dynamic int8 (none: as trained)"
+    )
 
 
 def _start(args: argparse.Namespace, out: str | None, need_labels: bool):
@@ -34,7 +37,10 @@ def _start(args: argparse.Namespace, out: str | None, need_labels: bool):
         raise HpcdlError(f"--threads {args.threads}: must be >= 1 (torch threads per rank)")
     world = comm.init(verbose=args.verbose, threads=args.threads)
     outputs = tuple(name.strip() for name in getattr(args, "outputs", "class").split(",") if name.strip())
-    request = Request(args.data, args.split, outputs, args.schedule, args.batch, progress=args.progress, out=out)
+    request = Request(
+        args.data, args.split, outputs, args.schedule, args.batch, progress=args.progress, out=out,
+        quantize=args.quantize,
+    )  # fmt: skip
     job = prepare(world, request, args.checkpoint, need_labels=need_labels)
     for note in job.notes:
         world.log(f"hpcdl: {note}")
@@ -94,7 +100,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     scored = run(world, job)
     _said(world, scored)
     world.log(table(scored.metrics))
-    about = {"checkpoint": job.model.source, "data": str(args.data), "split": args.split, "ranks": world.size}
+    about = {"checkpoint": job.model.source, "data": str(args.data), "split": args.split, "ranks": world.size,
+             "quantize": args.quantize, "seconds": scored.seconds, "samples_per_s": scored.samples_per_s}  # fmt: skip
     written = world.agree(lambda: write_report(folder, report_files(scored.metrics, about)) if world.is_root else None)
     world.log(f"hpcdl: wrote {', '.join(written or [])} in {folder}")
     return 0

@@ -26,6 +26,7 @@ from hpcdl.errors import ConfigError, DataError, HpcdlError
 from hpcdl.infer.inputs import ScoringInput, describe_split, open_reader
 from hpcdl.infer.metrics import Tally, classification_metrics
 from hpcdl.infer.model import ScoringModel, from_checkpoint, from_module
+from hpcdl.infer.quantize import QUANTIZE, int8
 from hpcdl.infer.schedule import ROWS_DONE, SCHEDULES, ClaimedChunks, SharedCounters, static_plan
 from hpcdl.infer.writer import OUTPUTS, GatheredRows, PredictionFile, check_destination, columns
 from hpcdl.progress import Progress
@@ -45,6 +46,7 @@ class Request:
     prefetch: int = 2
     progress: bool = True
     out: str | Path | None = None  # the results' HDF5 file; None: in memory on rank 0
+    quantize: str = "none"  # int8: Linear/LSTM layers as dynamic int8 (hpcdl.infer.quantize)
 
     def check(self) -> None:
         """A ConfigError naming the first option that is wrong."""
@@ -58,6 +60,7 @@ class Request:
         check_choice("--schedule", self.schedule, SCHEDULES)
         check_number("--batch", self.batch, POSITIVE, integer=True)
         check_number("prefetch", self.prefetch, NON_NEGATIVE, integer=True)
+        check_choice("--quantize", self.quantize, QUANTIZE)
 
 
 @dataclass
@@ -103,6 +106,8 @@ def prepare(world: World, request: Request, model: str | nn.Module, need_labels:
     scoring = world.agree(
         lambda: from_module(model, source) if isinstance(model, nn.Module) else from_checkpoint(model, source, notes)
     )
+    if request.quantize == "int8":
+        scoring = world.agree(lambda: int8(scoring))
     out = Path(request.out) if request.out is not None else None
     job = Job(request, source, scoring, out, notes)
     if out is not None:
