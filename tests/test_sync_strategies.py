@@ -118,7 +118,7 @@ def test_ps_async_converges_within_its_staleness_bound(datasets, tmp_path, ranks
     workers = ranks - 1
     sets = (
         f"data.path='{datasets['digits']}'", f"run.dir='{tmp_path}'", "model.hidden=[32]",
-        f"train.batch_size={16 * workers}", "train.epochs=2", "train.lr=0.05", "run.progress=false",
+        f"train.batch_size={16 * workers}", "train.epochs=2", "train.lr=0.01", "run.progress=false",
         "parallel.mode='ps-async'", "parallel.max_staleness=1",
     )  # fmt: skip
     result = hpcdl_train(ranks, "digits-mlp", *sets)
@@ -128,7 +128,7 @@ def test_ps_async_converges_within_its_staleness_bound(datasets, tmp_path, ranks
     assert max(histogram) <= 1, histogram
     # Each worker's gradient is applied once per step: workers x steps updates in all.
     assert sum(histogram.values()) == workers * summary["step"], histogram
-    assert summary["val_acc"] >= 0.85, summary["val_acc"]
+    assert summary["val_acc"] >= 0.85, summary["val_acc"]  # one run at 3 workers: 0.68 with Adam at lr 0.05
 
 
 def test_ps_async_deterministic_mode_repeats_itself(datasets, tmp_path):
