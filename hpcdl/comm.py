@@ -398,16 +398,18 @@ def _supported() -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in _MPI_TYPES)
 
 
-def as_buffer(tensor: torch.Tensor) -> np.ndarray:
-    """A numpy view of a contiguous CPU tensor, to hand to MPI without a copy (bfloat16 as its bits)."""
+def as_buffer(tensor: torch.Tensor) -> np.ndarray | torch.Tensor:
+    """A contiguous tensor's memory for MPI without a copy (bfloat16 as its bits): a numpy view of a CPU tensor;
+    a GPU tensor itself, which mpi4py reads through `__cuda_array_interface__` (only for CUDA-aware MPI:
+    others get host copies from `hpcdl.device.Transport`)."""
     if not tensor.is_contiguous():
         raise ValueError("MPI buffers must be contiguous tensors")
     if tensor.dtype == torch.bfloat16:
         # numpy has no bfloat16: reinterpret the bits; only valid for copies, not reductions.
-        return tensor.view(torch.int16).numpy()
-    return tensor.numpy()
+        tensor = tensor.view(torch.int16)
+    return tensor.detach() if tensor.is_cuda else tensor.numpy()
 
 
 def buffer(tensor: torch.Tensor) -> list:
-    """[memory, MPI datatype] of a contiguous CPU tensor: what mpi4py's upper-case calls take."""
+    """[memory, MPI datatype] of a contiguous tensor: what mpi4py's upper-case calls take."""
     return [as_buffer(tensor), mpi_type(tensor.dtype)]

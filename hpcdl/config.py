@@ -49,6 +49,7 @@ SEEDS = Range(0, high=2**32)
 COMPRESSIONS = ("none", "fp16", "bf16")  # gradients' type on the wire (hpcdl.parallel.grad_sync.WIRE_DTYPES)
 SCHEDULES = ("constant", "cosine", "step", "onecycle")  # hpcdl.schedule builds each
 PRECISIONS = ("fp32", "bf16", "fp16")  # hpcdl.precision
+DEVICES = ("auto", "cpu", "cuda")  # hpcdl.device
 LOSSES = ("cross_entropy", "mse", "l1", "huber")  # hpcdl.parallel.loss.BUILT_IN_LOSSES
 # Keys renamed: the old name still works, said once at start.
 RENAMED = {("run", "warmup_steps"): "timing_skip_steps"}
@@ -166,9 +167,11 @@ class TrainConfig:
     lr_gamma: float = number(0.1, ABOVE_ZERO)  # schedule "step": the factor of each decay
     clip_grad_norm: float = number(0.0, NON_NEGATIVE)  # clip the whole model's gradient to this L2 norm; 0 = off
     precision: str = "fp32"  # fp32 | bf16 | fp16: the forward under torch.autocast; weights stay in model.dtype
+    device: str = "auto"  # auto (a GPU when one is visible) | cpu | cuda: each rank on its node-local GPU
 
     def check(self) -> None:
         _choice("train.optimizer", self.optimizer, ("sgd", "adam", "adamw"))
+        _choice("train.device", self.device, DEVICES)
         _choice("train.schedule", self.schedule, SCHEDULES)
         _choice("train.precision", self.precision, PRECISIONS)
         if self.loss and ":" not in self.loss:

@@ -22,6 +22,7 @@ from hpcdl.data.chunked import block_rows_of
 from hpcdl.data.loader import Loader, SplitReader
 from hpcdl.data.partition import DataShare, Partition
 from hpcdl.data.schema import DatasetInfo, validate
+from hpcdl.device import CPU, run_device
 from hpcdl.errors import ConfigError, HpcdlError
 from hpcdl.metrics import check_tensorboard
 from hpcdl.models import build, is_meta, materialize, torch_dtype
@@ -80,6 +81,7 @@ class Setup:
     move_aside: Path | None = None  # --overwrite: where the old run goes
     lock: rundir.RunLock | None = None  # rank 0: the run folder's lock, held for the run
     objective: Objective = CLASSIFICATION  # the data's task and the loss (train.loss, or hpcdl.fit's loss_fn)
+    device: torch.device = CPU  # where this rank computes (train.device)
 
 
 def prepare(
@@ -110,7 +112,8 @@ def prepare(
         path = checkpoint.resolve(resume, cfg.run.dir, notes) if resume else None
         state = checkpoint.load(path) if path else None
         name = type(model).__name__ if model is not None else cfg.model.factory or cfg.model.name
-        setup = Setup(info, layout, built, state, name, objective=objective)
+        device = run_device(cfg.train.device, layout.mode, world.local_rank, notes)
+        setup = Setup(info, layout, built, state, name, objective=objective, device=device)
         if state:  # the config's changes first: they say why weights would not fit
             setup.position = resume_position(state, cfg, info, notes)
             checkpoint.restore_model(built, state, path)
@@ -126,14 +129,17 @@ def prepare(
     return setup
 
 
-def make_loaders(cfg: Config, world: World, info: DatasetInfo, share: DataShare) -> tuple[Loader, Loader]:
-    """Train and validation loaders for this rank's share of every global batch (its columns only, if set)."""
+def make_loaders(
+    cfg: Config, world: World, info: DatasetInfo, share: DataShare, device: torch.device = CPU
+) -> tuple[Loader, Loader]:
+    """Train and validation loaders for this rank's share of every global batch (its columns only, if set), on
+    `device`."""
     budget, dtype = cfg.data.cache_mb * 2**20, torch_dtype(cfg.model.dtype)
     val_part = Partition(info.sizes["val"], cfg.train.batch_size, share.rank, share.size, 0, shuffle=False)
 
     def loader(split: str, part: Partition) -> Loader:
         reader = SplitReader(cfg.data.path, split, part.owned_range(), budget, share.columns, blocks=part.read_blocks())
-        return Loader(reader, part, cfg.data.prefetch, dtype)
+        return Loader(reader, part, cfg.data.prefetch, dtype, device=device)
 
     def loaders() -> tuple[Loader, Loader]:
         train_part = Partition(

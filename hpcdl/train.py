@@ -21,6 +21,7 @@ from hpcdl.comm import World
 from hpcdl.compress.prune import Pruner
 from hpcdl.config import Config, TrainConfig
 from hpcdl.data.loader import Batch, Loader
+from hpcdl.device import device_summary, placement, to_cpu
 from hpcdl.errors import HpcdlError, TrialFailed
 from hpcdl.faults import Injector
 from hpcdl.metrics import CsvLog, JsonlLog, PhaseTimer, StepClock, TensorBoardLog, run_summary, strict_json
@@ -122,9 +123,10 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts:
     """The loop over epochs and steps, from the position `setup` holds, to the summary."""
     saved = setup.resume_state
     strategy = make_strategy(
-        cfg, setup.layout, world, setup.model, setup.info.feature_shape, saved and saved["model"], setup.objective
-    )
-    train_loader, val_loader = make_loaders(cfg, world, setup.info, strategy.share)
+        cfg, setup.layout, world, setup.model, setup.info.feature_shape, saved and saved["model"], setup.objective,
+        setup.device,
+    )  # fmt: skip
+    train_loader, val_loader = make_loaders(cfg, world, setup.info, strategy.share, setup.device)
     steps_per_epoch = len(train_loader)
     optimizer = parts.optimizer(strategy.params) if parts.optimizer else build_optimizer(cfg.train, strategy.params)
     scheduler = build_scheduler(cfg, parts, optimizer, steps_per_epoch)
@@ -416,6 +418,9 @@ def open_log(cfg: Config, world: World, setup: Setup, state: RunState) -> JsonlL
         f"partition {cfg.data.partition}); parallel.mode {setup.layout.mode}"
         + (f"; resumed at step {state.global_step}" if setup.resume_state else "")
     )
+    where = placement(world, setup.device)
+    if where:
+        world.log(f"hpcdl: {where}")
     return JsonlLog(run_dir / "metrics.jsonl" if world.is_root else None)
 
 
@@ -438,9 +443,9 @@ class Saving:
     def contents(self) -> dict[str, Any]:
         """What a checkpoint holds (gathered on rank 0: a collective)."""
         return {
-            "model": self.strategy.model_state(),
-            "optimizer": self.strategy.optimizer_state(self.optimizer),
-            "local": self.strategy.local_state(self.optimizer),
+            "model": to_cpu(self.strategy.model_state()),
+            "optimizer": to_cpu(self.strategy.optimizer_state(self.optimizer)),
+            "local": to_cpu(self.strategy.local_state(self.optimizer)),
             "scheduler": self.scheduler.state_dict(),
             "best": self.best.to_checkpoint(),
             "loss_scale": self.scaler.to_checkpoint(),
@@ -494,7 +499,7 @@ def finish(
     """The final weights as model.pt; the run's summary (the same on every rank), logged, written and printed."""
     # Watched to the summary's last collective: once rank 0 has written, every rank only waits for the others.
     with watchdog.watching(f"model.pt at step {state.global_step}"):
-        weights = strategy.model_state()  # the unsplit model on rank 0 (a collective gather)
+        weights = to_cpu(strategy.model_state())  # the unsplit model on rank 0 (a collective gather)
         each_part(world, watchdog, lambda: checkpoint.save_weights(cfg.run.dir, weights) if world.is_root else None)
         summary = run_summary(
             world, clock, history, elapsed,
@@ -504,6 +509,7 @@ def finish(
             comm_bytes_per_step=strategy.bytes_per_sync / cfg.parallel.accumulate_steps,
             param_digest=checkpoint.parameter_digest(weights),
             skipped_steps=state.skipped_steps,
+            **device_summary(world, setup.device),
             **strategy.summary(),
         )  # fmt: skip
     log.write(event="summary", **summary)

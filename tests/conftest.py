@@ -18,7 +18,8 @@ MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shut
 def mpi_command(ranks: int, *args: str) -> list[str]:
     """`mpiexec -n ranks python ...`; Open MPI needs flags to run as root and oversubscribe."""
     launcher = [MPIEXEC, "-n", str(ranks)]
-    if "Open MPI" in subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True).stdout:
+    banner = subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True).stdout
+    if "Open MPI" in banner or "OpenRTE" in banner:  # Open MPI 5 says the first, 4.x the second
         launcher += ["--allow-run-as-root", "--oversubscribe"]
     return [*launcher, sys.executable, *args]
 

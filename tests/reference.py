@@ -40,6 +40,7 @@ def reference_train(
     scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
     clip_grad_norm: float = 0.0,
     autocast: torch.dtype | None = None,
+    device: str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """SGD on the whole global batch in one process; sample order from (seed, epoch) as documented.
 
@@ -47,7 +48,7 @@ def reference_train(
     (`plain_mlp`); the features are fed in `dtype`. A regression file's float targets go to `loss_fn`
     (default cross-entropy) with the outputs in the targets' shape; `scheduler` (torch's own) steps
     once per step; `clip_grad_norm` clips with torch.nn.utils.clip_grad_norm_; `autocast` runs the
-    forward under torch.autocast in that dtype.
+    forward under torch.autocast in that dtype; `device` is where it all runs (the state comes back on the CPU).
     """
     with h5py.File(path, "r") as f:
         x, y = torch.from_numpy(f["train/x"][:]).to(dtype), torch.from_numpy(f["train/y"][:])
@@ -59,6 +60,7 @@ def reference_train(
         model = model_cfg(shape, outputs, seed)
     else:
         model = build(model_cfg, shape, outputs, seed, dtype=dtype)
+    model, x, y = model.to(device), x.to(device), y.to(device)
     loss_fn = loss_fn or F.cross_entropy
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     schedule = scheduler(optimizer) if scheduler else None
@@ -66,9 +68,9 @@ def reference_train(
     while done < steps:
         order = np.random.default_rng([seed, epoch]).permutation(len(y))
         for start in range(0, len(y), batch):
-            chunk = torch.from_numpy(order[start : start + batch])
+            chunk = torch.from_numpy(order[start : start + batch]).to(device)
             optimizer.zero_grad()
-            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            with torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None):
                 out = model(x[chunk])
                 out = out.reshape(len(chunk), *y.shape[1:]) if regression else out
                 loss = loss_fn(out, y[chunk])
@@ -82,7 +84,7 @@ def reference_train(
             if done == steps:
                 break
         epoch += 1
-    return model.state_dict()
+    return {name: value.cpu() for name, value in model.state_dict().items()}
 
 
 def assert_close_states(actual: dict, expected: dict, atol: float = 1e-5, rtol: float = 1e-4) -> None:

@@ -22,7 +22,8 @@ def mpiexec() -> list[str]:
     if not found:
         raise HpcdlError("no mpiexec found: install an MPI (pip install mpich) or load the site's MPI module")
     banner = subprocess.run([found, "--version"], capture_output=True, text=True).stdout
-    return [found, "--allow-run-as-root", "--oversubscribe"] if "Open MPI" in banner else [found]
+    open_mpi = "Open MPI" in banner or "OpenRTE" in banner  # Open MPI 5 says the first, 4.x the second
+    return [found, "--allow-run-as-root", "--oversubscribe"] if open_mpi else [found]
 
 
 def launcher(kind: str, ranks: int, per_node: int | None = None) -> list[str]:

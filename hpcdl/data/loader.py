@@ -1,4 +1,4 @@
-"""Reading a rank's batches from HDF5: cached or streamed, coalesced reads, prefetch."""
+"""Reading a rank's batches from HDF5: cached or streamed, coalesced reads, prefetch, copies to a GPU."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 from hpcdl.data.direct import DirectRows
 from hpcdl.data.partition import Partition, StepPlan
+from hpcdl.device import CPU, BatchCopier
 from hpcdl.errors import DataError
 
 # HDF5's per-dataset chunk cache: large enough that random reads reuse decompressed chunks.
@@ -36,6 +37,7 @@ class Batch:
     global_count: int
     wait_s: float = 0.0  # time the training step waited for this batch
     indices: np.ndarray | None = None  # the split's rows it holds, in order (None for a batch built by hand)
+    copied: object = None  # a GPU batch: the event that ends its copy from host memory (None: ready)
 
 
 def contiguous_runs(sorted_indices: np.ndarray) -> list[tuple[int, int, int]]:
@@ -266,10 +268,13 @@ class Loader:
         prefetch: int = 2,
         dtype: torch.dtype | None = None,
         read_ahead: int = READ_AHEAD_STEPS,
+        device: torch.device = CPU,
     ):
         self.reader, self.partition, self.prefetch = reader, partition, prefetch
         self.dtype = dtype  # the model's input dtype: features are converted here, in the prefetch thread
         self.read_ahead = read_ahead  # steps; 0 for plans made as they go (inference's claimed chunks)
+        # A GPU's batches are copied in the prefetch thread on a side stream, while the current step computes.
+        self.copier = BatchCopier(device) if device.type == "cuda" else None
 
     def __len__(self) -> int:
         return self.partition.steps_per_epoch()
@@ -282,7 +287,16 @@ class Loader:
         targets = torch.from_numpy(y)
         if targets.is_floating_point() and targets.dtype != torch.float32:  # float64 regression targets in the file
             targets = targets.float()
-        return Batch(features, targets, plan.global_count, indices=plan.local)
+        batch = Batch(features, targets, plan.global_count, indices=plan.local)
+        if self.copier is not None:
+            batch.x, batch.y, batch.copied = self.copier.start(batch.x, batch.y)
+        return batch
+
+    def _taken(self, batch: Batch) -> Batch:
+        """The batch as the step uses it: a GPU batch once the compute stream waits for its copy."""
+        if self.copier is not None:
+            self.copier.finish(batch.x, batch.y, batch.copied)
+        return batch
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Batches of `epoch` from `start_step` on; `wait_s` says how long each one was waited for."""
@@ -292,7 +306,7 @@ class Loader:
         if self.prefetch == 0:
             for plan in plans:
                 began = time.perf_counter()
-                batch = self._load(plan)
+                batch = self._taken(self._load(plan))
                 batch.wait_s = time.perf_counter() - began
                 yield batch
             return
@@ -331,7 +345,7 @@ class Loader:
                 if isinstance(item, BaseException):
                     raise item
                 item.wait_s = time.perf_counter() - began
-                yield item
+                yield self._taken(item)
         finally:
             stop.set()
             while worker.is_alive():  # drain so a blocked producer can see `stop`

@@ -108,8 +108,10 @@ def ccl_built() -> bool:
 
 
 def cuda_built() -> bool:
-    """Always False: hpcdl's collectives run on CPU tensors."""
-    return False
+    """True when torch has CUDA: CUDA tensors go through every collective (staged through host memory)."""
+    import torch
+
+    return torch.version.cuda is not None
 
 
 def rocm_built() -> bool:

@@ -1,7 +1,8 @@
 """Horovod's non-reducing collectives: allgather, broadcast, alltoall, join, barrier, and object forms.
 
 Each tensor collective first agrees on metadata across the set (agreement.py), then is one MPI call
-on the tensors' memory; the `*_async` forms return a Handle. The synchronous forms are differentiable
+on the tensors' memory (a GPU tensor's through a host copy; results come back on its device); the `*_async`
+forms return a Handle. The synchronous forms are differentiable
 with Horovod's gradients: allgather's is this rank's slice of the averaged gradient, broadcast's the
 averaged gradient on the root (zero elsewhere), alltoall's the reverse alltoall.
 """
@@ -30,7 +31,7 @@ def _row_elements(tensor: torch.Tensor) -> int:
 def allgather_async(tensor: torch.Tensor, name: str | None = None, process_set: ProcessSet | None = None) -> Handle:
     """Start concatenating every rank's `tensor` along dim 0 (first dims may differ)."""
     pset = resolve(process_set)
-    source = tensor.detach().contiguous()
+    source = tensor.detach().contiguous().cpu()
     if source.ndim == 0:
         raise ArgumentError("hpcdl.horovod.allgather: a scalar has no dim 0 to concatenate along; reshape it to (1,)")
 
@@ -39,7 +40,7 @@ def allgather_async(tensor: torch.Tensor, name: str | None = None, process_set: 
         output = torch.empty((sum(rows), *source.shape[1:]), dtype=source.dtype)
         counts = [r * _row_elements(source) for r in rows]
         request = pset.comm.Iallgatherv(buffer(source), [as_buffer(output), counts, mpi_type(output.dtype)])
-        return Handle(request, lambda: output, keep=[source])
+        return Handle(request, lambda: output.to(tensor.device), keep=[source])
 
     return named(name, lambda: agreed(pset, "allgather", source, AFTER_DIM_0, start))
 
@@ -81,7 +82,7 @@ def broadcast_async_(
     """Start overwriting `tensor` on every rank with root_rank's, in place."""
     pset = resolve(process_set)
     root = pset.set_rank(root_rank)
-    work = tensor.data if tensor.is_contiguous() else tensor.detach().contiguous()
+    work = tensor.data if tensor.is_contiguous() and not tensor.is_cuda else tensor.detach().contiguous().cpu()
 
     def start(_: Any) -> Handle:
         request = pset.comm.Ibcast(buffer(work), root=root)
@@ -164,7 +165,7 @@ def alltoall_async(
 ) -> Handle:
     """Start sending rows `splits[r]` of `tensor` (along dim 0) to rank r of the set; see `alltoall`."""
     pset = resolve(process_set)
-    source = tensor.detach().contiguous()
+    source = tensor.detach().contiguous().cpu()
     send_rows = _send_rows(source, splits, pset.size())
 
     def start(table: np.ndarray) -> Handle:
@@ -175,7 +176,7 @@ def alltoall_async(
             [as_buffer(source), (send_rows * row).tolist(), kind], [as_buffer(output), (recv_rows * row).tolist(), kind]
         )
         received = torch.from_numpy(recv_rows.astype(np.int32))
-        return Handle(request, lambda: (output, received), keep=[source])
+        return Handle(request, lambda: (output.to(tensor.device), received), keep=[source])
 
     return named(name, lambda: agreed(pset, "alltoall", source, AFTER_DIM_0, start, splits=send_rows))
 

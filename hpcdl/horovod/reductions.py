@@ -60,19 +60,21 @@ def _scale(work: torch.Tensor, factor: float, divisor: int) -> None:
 
 
 def to_wire(tensor: torch.Tensor, prescale: float, compression: type[Compressor]) -> tuple[torch.Tensor, Any]:
-    """A contiguous, prescaled copy of `tensor` in a dtype MPI can reduce, and what from_wire needs to restore it."""
+    """A contiguous, prescaled host copy of `tensor` in a dtype MPI can reduce, and what from_wire needs to restore
+    it (a GPU tensor's values travel through host memory, whatever MPI can read)."""
     wire, ctx = compression.compress(tensor.detach())
     unsummable = wire.dtype.is_floating_point and wire.dtype not in SUMMABLE
-    work = wire.to(torch.float32 if unsummable else wire.dtype, copy=True).contiguous()  # the input stays untouched
+    dtype = torch.float32 if unsummable else wire.dtype
+    work = wire.to(device="cpu", dtype=dtype, copy=True).contiguous()  # the input stays untouched
     _scale(work, prescale, 1)
-    return work, (wire.dtype, ctx, compression)
+    return work, (wire.dtype, ctx, compression, tensor.device)
 
 
 def from_wire(work: torch.Tensor, restore: Any, op: str, postscale: float, ranks: int) -> torch.Tensor:
     """The reduced `work`, postscaled (and divided by `ranks` for Average), in the input's dtype."""
     _scale(work, postscale, ranks if op == Average else 1)
-    dtype, ctx, compression = restore
-    return compression.decompress(work.to(dtype), ctx)
+    dtype, ctx, compression, device = restore
+    return compression.decompress(work.to(device=device, dtype=dtype), ctx)
 
 
 def _allreduce_into(

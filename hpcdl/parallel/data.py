@@ -12,6 +12,7 @@ from torch import nn
 from hpcdl.comm import World, buffer
 from hpcdl.data.loader import Batch
 from hpcdl.data.partition import DataShare
+from hpcdl.device import to_cpu, transport
 from hpcdl.metrics import PhaseTimer
 from hpcdl.parallel.grad_sync import GradSync
 from hpcdl.parallel.loss import zero_contribution
@@ -22,12 +23,13 @@ def broadcast_module(world: World, module: nn.Module, root: int = 0) -> None:
     """Make every rank's parameters and buffers bitwise equal to `root`'s."""
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
-            world.comm.Bcast(buffer(tensor.data), root=root)
+            with transport(tensor.device).for_mpi(tensor.data, read=world.rank == root) as memory:
+                world.comm.Bcast(buffer(memory), root=root)
 
 
 def broadcast_optimizer(world: World, optimizer: torch.optim.Optimizer, root: int = 0) -> None:
     """Make every rank's optimizer state (moments, step counts, hyper-parameters) equal to `root`'s."""
-    state = world.comm.bcast(optimizer.state_dict() if world.rank == root else None, root=root)
+    state = world.comm.bcast(to_cpu(optimizer.state_dict()) if world.rank == root else None, root=root)
     if world.rank != root:
         optimizer.load_state_dict(state)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from hpcdl.comm import World
+from hpcdl.device import to_cpu
 
 
 class Grid:
@@ -56,7 +57,7 @@ class Grid:
         if self.coord("replica") != 0:
             return None
         group = self.group(axis)
-        parts = group.comm.gather(part, root=0)
+        parts = group.comm.gather(to_cpu(part), root=0)  # pickled: CPU tensors, whatever GPU each rank uses
         return parts if group.rank == 0 else None
 
     @property

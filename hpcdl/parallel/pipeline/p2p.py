@@ -5,7 +5,9 @@ gradients go backward (tag GRADIENT), one message per micro-batch, always in
 micro-batch order, so MPI's in-order matching pairs them without sending ids. The
 shape and dtype of one sample's activation are agreed once, on the first step; after
 that a message carries only the tensor's bytes, and its row count is known on both
-sides because every stage of a replica reads the same batch.
+sides because every stage of a replica reads the same batch. On a GPU without CUDA-aware MPI the
+receive buffers are pinned host memory, copied to the device when taken, and a send goes from a
+host copy (`hpcdl.device.Transport`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections import deque
 import torch
 
 from hpcdl.comm import buffer, mpi
+from hpcdl.device import CPU, transport
 
 ACTIVATION, GRADIENT = 0, 1
 
@@ -33,10 +36,14 @@ def recv_meta(comm, peer: int) -> tuple[tuple[int, ...], torch.dtype]:
 class RecvQueue:
     """Receives from one peer in order into `slots` preallocated buffers; a slot is reused once released."""
 
-    def __init__(self, comm, peer: int, tag: int, slots: int, sample_shape: tuple[int, ...], dtype: torch.dtype):
+    def __init__(
+        self, comm, peer: int, tag: int, slots: int, sample_shape: tuple[int, ...], dtype: torch.dtype,
+        device: torch.device = CPU,
+    ):  # fmt: skip
         self.comm, self.peer, self.tag = comm, peer, tag
-        self.sample_shape, self.dtype = sample_shape, dtype
-        self.buffers = [torch.empty(0, *sample_shape, dtype=dtype) for _ in range(slots)]
+        self.sample_shape, self.dtype, self.device = sample_shape, dtype, device
+        self.via = transport(device)
+        self.buffers = [self._buffer(0) for _ in range(slots)]
         self.free = deque(range(slots))
         self.sizes: deque[int] = deque()  # rows of each message still to post, in arrival order
         self.posted: deque[tuple[int, int, object]] = deque()  # (slot, rows, request)
@@ -51,18 +58,24 @@ class RecvQueue:
         while self.sizes and self.free:
             slot, rows = self.free.popleft(), self.sizes.popleft()
             if self.buffers[slot].shape[0] < rows:  # grows only when a larger micro-batch appears
-                self.buffers[slot] = torch.empty(rows, *self.sample_shape, dtype=self.dtype)
+                self.buffers[slot] = self._buffer(rows)
             view = self.buffers[slot][:rows]
             request = self.comm.Irecv(buffer(view), source=self.peer, tag=self.tag)
             self.posted.append((slot, rows, request))
 
+    def _buffer(self, rows: int) -> torch.Tensor:
+        """Where MPI writes a message of `rows` rows: on the device, or in pinned host memory when staged."""
+        empty = torch.empty(rows, *self.sample_shape, dtype=self.dtype, device=self.device)
+        return self.via.mirror(empty)
+
     def take(self) -> tuple[int, torch.Tensor]:
-        """Wait for the oldest message; (its slot, the received rows). Release the slot when done."""
+        """Wait for the oldest message; (its slot, the received rows on the device). Release the slot when done."""
         if not self.posted:
             self.post()
         slot, rows, request = self.posted.popleft()
         request.Wait()
-        return slot, self.buffers[slot][:rows]
+        received = self.buffers[slot][:rows]
+        return slot, received.to(self.device) if self.via.staged else received
 
     def release(self, slot: int) -> None:
         """The tensor in `slot` is no longer needed: receive the next message into it."""
@@ -73,14 +86,17 @@ class RecvQueue:
 class SendQueue:
     """Non-blocking sends to one peer; each tensor is kept alive until its send completes."""
 
-    def __init__(self, comm, peer: int, tag: int):
+    def __init__(self, comm, peer: int, tag: int, device: torch.device = CPU):
         self.comm, self.peer, self.tag = comm, peer, tag
+        self.via = transport(device)
         self.pending: list[tuple[torch.Tensor, object]] = []
 
     def send(self, tensor: torch.Tensor) -> None:
-        """Start sending `tensor` (contiguous) without waiting."""
+        """Start sending `tensor` (contiguous) without waiting, once MPI can read it (a host copy when staged)."""
         tensor = tensor.detach().contiguous()
-        self.pending.append((tensor, self.comm.Isend(buffer(tensor), dest=self.peer, tag=self.tag)))
+        memory = self.via.mirror(tensor)
+        self.via.wait(self.via.to_host(tensor, memory))
+        self.pending.append((memory, self.comm.Isend(buffer(memory), dest=self.peer, tag=self.tag)))
 
     def wait(self) -> None:
         """Wait for every pending send."""

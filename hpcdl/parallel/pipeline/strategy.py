@@ -23,6 +23,7 @@ from hpcdl import comm
 from hpcdl.comm import World
 from hpcdl.data.loader import Batch
 from hpcdl.data.partition import DataShare
+from hpcdl.device import CPU
 from hpcdl.errors import ConfigError
 from hpcdl.metrics import PhaseTimer
 from hpcdl.models import is_meta, materialize
@@ -65,6 +66,7 @@ class Pipeline(Strategy):
         compression: str = "none",
         seed: int = 0,
         initial_state: dict[str, torch.Tensor] | None = None,
+        device: torch.device = CPU,
     ):
         world = world or comm.init()
 
@@ -96,6 +98,8 @@ class Pipeline(Strategy):
             materialize([(self.layer_range[0] + i, layer) for i, (_, layer) in enumerate(own)], seed)
             if initial_state is not None:
                 self.stage.load_state_dict({key: initial_state[key] for key in self.stage.state_dict()})
+        self.device = device
+        self.stage.to(device)
         index = {name: i for i, (name, _) in enumerate(sequential.named_parameters())}
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         self.param_names = [name for name, p in self.stage.named_parameters() if p.requires_grad]
@@ -133,14 +137,16 @@ class Pipeline(Strategy):
         if not self.is_first:
             shape, dtype = recv_meta(comm, grid.prev_stage_rank)
             slots = peak_alive(schedule(self.kind, self.stage_index, self.stages, self.micro)) + 1
-            self.recv_act = RecvQueue(comm, grid.prev_stage_rank, ACTIVATION, slots, shape, dtype)
-            self.send_grad = SendQueue(comm, grid.prev_stage_rank, GRADIENT)
+            self.recv_act = RecvQueue(comm, grid.prev_stage_rank, ACTIVATION, slots, shape, dtype, self.device)
+            self.send_grad = SendQueue(comm, grid.prev_stage_rank, GRADIENT, self.device)
         if not self.is_last:
             with torch.no_grad(), self.autocast():  # under autocast the activations travel in bf16/fp16
-                probe = self.stage(torch.zeros(1, *shape, dtype=dtype))
+                probe = self.stage(torch.zeros(1, *shape, dtype=dtype, device=self.device))
             send_meta(comm, grid.next_stage_rank, probe)
-            self.send_act = SendQueue(comm, grid.next_stage_rank, ACTIVATION)
-            self.recv_grad = RecvQueue(comm, grid.next_stage_rank, GRADIENT, 2, tuple(probe.shape[1:]), probe.dtype)
+            self.send_act = SendQueue(comm, grid.next_stage_rank, ACTIVATION, self.device)
+            self.recv_grad = RecvQueue(
+                comm, grid.next_stage_rank, GRADIENT, 2, tuple(probe.shape[1:]), probe.dtype, self.device
+            )
 
     # -- one step
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from hpcdl.comm import World, buffer, mpi
 from hpcdl.data.partition import block_range
+from hpcdl.device import transport
 
 
 def _sum_over(world: World, tensor: torch.Tensor, layer: ShardedLinear | None = None) -> torch.Tensor:
@@ -26,7 +27,8 @@ def _sum_over(world: World, tensor: torch.Tensor, layer: ShardedLinear | None = 
     # in fp32: MPI cannot add bfloat16, and fp16 partial sums would lose what fp32 keeps.
     wide = tensor.dtype not in (torch.float32, torch.float64)
     out = tensor.contiguous().float() if wide else tensor.contiguous().clone()
-    world.comm.Allreduce(mpi().IN_PLACE, buffer(out), op=mpi().SUM)
+    with transport(out.device).for_mpi(out) as memory:
+        world.comm.Allreduce(mpi().IN_PLACE, buffer(memory), op=mpi().SUM)
     out = out.to(tensor.dtype) if wide else out
     if layer is not None:
         layer.comm_s += time.perf_counter() - began
