@@ -29,11 +29,31 @@ def test_make_mnist_is_real_scaled_and_seeded(mnist, tmp_path):
         assert np.array_equal(f["train/y"][:], y), "the split must depend on the seed only"
 
 
+@pytest.fixture(scope="module")
+def cnn_val_correct(mnist, tmp_path_factory):
+    """Validation digits right (of 1,000) after the mnist-cnn config on two ranks, per sample order (trained once)."""
+    correct = {}
+
+    def train(partition: str) -> int:
+        if partition not in correct:
+            run_dir = tmp_path_factory.mktemp(f"cnn-{partition}")
+            order = f"data.partition='{partition}'"
+            sets = (f"data.path='{mnist}'", f"run.dir='{run_dir}'", "run.progress=false", order)
+            result = hpcdl_train(2, "mnist-cnn", *sets, timeout=300)
+            assert result.returncode == 0, result.stderr
+            correct[partition] = round(read_summary(run_dir)["val_acc"] * 1000)
+        return correct[partition]
+
+    return train
+
+
 @pytest.mark.slow
-def test_mnist_cnn_reaches_95_percent_on_two_ranks(mnist, tmp_path):
-    result = hpcdl_train(
-        2, "mnist-cnn", f"data.path='{mnist}'", f"run.dir='{tmp_path}'", "run.progress=false", timeout=300
-    )
-    assert result.returncode == 0, result.stderr
-    summary = read_summary(tmp_path)
-    assert summary["val_acc"] >= 0.95, result.stdout
+def test_mnist_cnn_reaches_95_percent_on_two_ranks(cnn_val_correct):
+    assert cnn_val_correct("global") >= 950
+
+
+@pytest.mark.slow
+def test_the_chunked_order_trains_the_cnn_as_well_as_the_fully_random_one(cnn_val_correct):
+    # Within half a point (5 digits of 1,000) of the fully random order. Over seeds 0, 1, 2 (README, Data) the
+    # chunked order measured -0.5, -0.4 and +0.2 points: order noise, no sign of a cost.
+    assert cnn_val_correct("chunked") >= cnn_val_correct("global") - 5
