@@ -294,6 +294,25 @@ def resolve(resume: str, run_dir: str | Path, notes: list[str] | None = None) ->
     return path
 
 
+def locate(target: str, notes: list[str], where: str = "") -> Path:
+    """A checkpoint file, or a run folder's newest valid checkpoint (each one skipped explained in `notes`);
+    `where` starts each message (default `--checkpoint TARGET`: the option that named it)."""
+    where = where or f"--checkpoint {target}"
+    path = Path(target)
+    if path.is_dir():
+        found = resolve("auto", path, notes)
+        if found is None:
+            raise HpcdlError(f"{where}: no checkpoint in {checkpoint_dir(path)}")
+        return found
+    if not path.is_file():
+        raise HpcdlError(f"{where}: neither a checkpoint file nor a run folder")
+    # best.pt is written atomically beside the rotation and never listed in the manifest.
+    listed = path.name != BEST and (path.parent / MANIFEST).is_file()
+    if listed and (reason := problem(path)):
+        raise HpcdlError(f"{where}: checkpoint is not valid ({reason})")
+    return path
+
+
 def parameter_digest(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 of a model's tensors in order: equal digests iff bitwise-equal parameters."""
     sha = hashlib.sha256()

@@ -168,6 +168,9 @@ class TrainConfig:
     clip_grad_norm: float = number(0.0, NON_NEGATIVE)  # clip the whole model's gradient to this L2 norm; 0 = off
     precision: str = "fp32"  # fp32 | bf16 | fp16: the forward under torch.autocast; weights stay in model.dtype
     device: str = "auto"  # auto (a GPU when one is visible) | cpu | cuda: each rank on its node-local GPU
+    # A run folder or checkpoint whose model weights a fresh run starts from (fine-tuning, e.g. a model hpcdl prune
+    # made smaller); its optimizer, position and schedule are not taken. "" = the seeded initialisation.
+    init: str = ""
 
     def check(self) -> None:
         _choice("train.optimizer", self.optimizer, ("sgd", "adam", "adamw"))

@@ -121,14 +121,7 @@ class DistillObjective(Objective):
 def load_teacher(target: str, info: DatasetInfo, notes: list[str]) -> tuple[nn.Module, torch.dtype]:
     """A trained run's model (a run folder's newest valid checkpoint, or a checkpoint file), for `info`'s samples."""
     where = f"config: distill.teacher = {target!r}"
-    path = Path(target)
-    if path.is_dir():
-        found = checkpoint.resolve("auto", path, notes)
-        if found is None:
-            raise ConfigError(f"{where}: no checkpoint in {checkpoint.checkpoint_dir(path)}")
-        path = found
-    elif not path.is_file():
-        raise ConfigError(f"{where} is neither a run folder nor a checkpoint file")
+    path = checkpoint.locate(target, notes, where)
     state = checkpoint.load(path)
     tree = state.get("config")
     if not isinstance(tree, dict) or not isinstance(state.get("model"), dict):

@@ -81,10 +81,8 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 
 def export(target: str, out: str | Path) -> tuple[Path, int]:
     """Write the model weights of a checkpoint (or a run folder's newest valid one) to `out`; (path, tensors)."""
-    from hpcdl.infer.model import locate
-
     notes: list[str] = []
-    path = locate(target, notes)
+    path = checkpoint.locate(target, notes)
     for note in notes:
         print(f"hpcdl: {note}")
     state = checkpoint.load(path)

@@ -82,6 +82,7 @@ class Setup:
     lock: rundir.RunLock | None = None  # rank 0: the run folder's lock, held for the run
     objective: Objective = CLASSIFICATION  # the data's task and the loss (train.loss, or hpcdl.fit's loss_fn)
     device: torch.device = CPU  # where this rank computes (train.device)
+    weights: dict[str, torch.Tensor] | None = None  # the unsplit model to start from: a resume's or train.init's
 
 
 def prepare(
@@ -117,6 +118,10 @@ def prepare(
         if state:  # the config's changes first: they say why weights would not fit
             setup.position = resume_position(state, cfg, info, notes)
             checkpoint.restore_model(built, state, path)
+        elif cfg.train.init:
+            path, state = initial_weights(cfg.train.init, notes)
+            checkpoint.restore_model(built, state, path)
+        setup.weights = state and state["model"]
         if world.is_root:  # the run folder is rank 0's: its verdict is shared by agree
             plan_run_folder(cfg, setup, overwrite, resume == "auto", notes)
         return setup
@@ -127,6 +132,17 @@ def prepare(
     for note in notes:
         world.log(f"hpcdl: {note}")
     return setup
+
+
+def initial_weights(target: str, notes: list[str]) -> tuple[Path, dict[str, Any]]:
+    """train.init: the checkpoint (a run folder's newest valid one) a fresh run takes its model's weights from."""
+    where = f"config: train.init = {target!r}"
+    path = checkpoint.locate(target, notes, where)
+    state = checkpoint.load(path)
+    if not isinstance(state.get("model"), dict):
+        raise HpcdlError(f"{where}: {path} holds no model weights")
+    notes.append(f"starting from the weights of {path} (train.init)")
+    return path, state
 
 
 def make_loaders(

@@ -32,7 +32,8 @@ RUN_OUTPUTS = ("metrics.jsonl", "metrics.csv", "summary.json", "model.pt", "tens
 # Keys whose change keeps a saved position meaningful: how long to train, how fast to learn, what to log;
 # data.path only when the file holds the same dataset (checked against the checkpoint's record, hpcdl.preflight).
 FREE_TO_CHANGE = {
-    "train": {"epochs", "max_steps", "lr", "momentum", "weight_decay", "clip_grad_norm"},
+    # train.init only says where a fresh start's weights come from: a resume continues from its checkpoint.
+    "train": {"epochs", "max_steps", "lr", "momentum", "weight_decay", "clip_grad_norm", "init"},
     "run": {"progress", "timing_skip_steps", "log_every", "watchdog_s", "check_every", "checkpoint_every", "keep",
             "nan_policy", "dir", "early_stop", "keep_best", "tensorboard"},
     "data": {"cache_mb", "prefetch", "scan", "path"},

@@ -123,7 +123,7 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts:
     """The loop over epochs and steps, from the position `setup` holds, to the summary."""
     saved = setup.resume_state
     strategy = make_strategy(
-        cfg, setup.layout, world, setup.model, setup.info.feature_shape, saved and saved["model"], setup.objective,
+        cfg, setup.layout, world, setup.model, setup.info.feature_shape, setup.weights, setup.objective,
         setup.device,
     )  # fmt: skip
     train_loader, val_loader = make_loaders(cfg, world, setup.info, strategy.share, setup.device)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import h5py
 import numpy as np
@@ -170,26 +169,6 @@ def test_int8_inference_is_close_to_fp32_and_a_bad_value_is_one_line(teacher, da
     args = ["-m", "hpcdl", "infer", "--checkpoint", str(run_dir), "--data", str(datasets["digits"]),
             "--out", str(tmp_path / "p.h5"), "--quantize", "int4"]  # fmt: skip
     assert_one_line(run_mpi(1, *args), "--quantize = 'int4' is not one of none, int8")
-
-
-def test_bench_compress_writes_its_json(teacher, tmp_path):
-    out = tmp_path / "bench.json"
-    args = [sys.executable, "-m", "hpcdl", "bench", "compress", "--teacher", str(teacher[0]), "--epochs", "1",
-            "--ranks", "1", "--rows", "300", "--json", str(out)]  # fmt: skip
-    import subprocess
-
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    figures = json.loads(out.read_text())
-    assert {"rows", "online_train_s", "precomputed_train_s", "precomputed_logits_s", "faster", "best_student"} <= set(
-        figures
-    )
-    models = [row["model"] for row in figures["rows"]]
-    assert models[:4] == ["teacher", "student alone", "student distilled online", "student distilled precomputed"]
-    assert models[-1].endswith("int8")
-    for row in figures["rows"]:
-        assert {"val_acc", "params", "file_bytes", "samples_per_s_1", "samples_per_s_n"} <= set(row)
-    assert figures["rows"][-1]["file_bytes"] < figures["rows"][1]["file_bytes"]
 
 
 def test_int8_refuses_a_model_with_nothing_to_quantize():

@@ -137,3 +137,92 @@ def test_structured_pruning_writes_a_smaller_model_with_the_masked_models_output
     scored = run_mpi(1, "-m", "hpcdl", "evaluate", "--checkpoint", str(out), "--data", str(datasets["digits"]),
                      "--no-progress", "--out-dir", str(tmp_path / "eval"), timeout=60)  # fmt: skip
     assert scored.returncode == 0, scored.stderr
+
+
+@pytest.fixture(scope="module")
+def pruned(datasets, tmp_path_factory):
+    """A short dense run ([32, 16]) and the folder hpcdl prune made of it: half its neurons (L2), then 30% of the
+    rest's weights; trained and pruned in this process (one rank: the path every rank count takes)."""
+    from hpcdl import comm, config
+    from hpcdl.compress.commands import prune_run
+    from hpcdl.train import train as train_run
+
+    folder = tmp_path_factory.mktemp("pruned")
+    sets = [f"data.path='{datasets['digits']}'", "run.progress=false", "train.max_steps=20", "model.hidden=[32, 16]"]
+    train_run(config.load("digits-mlp", [*sets, f"run.dir='{folder / 'dense'}'"]), comm.init(threads=1))
+    done = prune_run(str(folder / "dense"), str(folder / "small"), 0.3, "l2", 0.5)
+    assert done["hidden"] == [16, 8] and done["pruned"] == done["k"] > 0
+    return folder / "small"
+
+
+def finetune(datasets, small, run_dir, *sets: str, parts=None) -> dict[str, torch.Tensor]:
+    """`hpcdl train --config SMALL/config.toml --set train.init=SMALL` for 6 steps, here; its model.pt."""
+    from hpcdl import comm, config
+    from hpcdl.train import train as train_run
+
+    base = [f"data.path='{datasets['digits']}'", "run.progress=false", f"train.init='{small}'", f"run.dir='{run_dir}'",
+            "train.max_steps=6", *sets]  # fmt: skip
+    train_run(config.load(str(small / "config.toml"), base), comm.init(threads=1), parts=parts)
+    return torch.load(run_dir / "model.pt", weights_only=True)
+
+
+def test_finetuning_a_structured_model_starts_from_its_pruned_weights_keeps_its_zeros_and_evaluates(
+    pruned, datasets, tmp_path
+):
+    """`train.init` = the folder hpcdl prune wrote: the loop's first step scores the pruned model itself, the zeros
+    left by --sparsity stay zero (the folder's [prune] keeps them), and `hpcdl evaluate` takes the result."""
+    import h5py
+    import torch.nn.functional as F
+
+    from hpcdl.data.partition import Partition
+    from hpcdl.train import UserParts
+
+    first_losses: list[float] = []
+
+    class FirstStep:
+        def on_step_end(self, record: dict) -> None:
+            first_losses.append(record["loss"])
+
+    end = finetune(datasets, pruned, tmp_path / "tuned", "run.log_every=1", parts=UserParts(callbacks=[FirstStep()]))
+    # Step 1's loss (taken before its update) is the pruned model's loss on the first global batch.
+    start = torch.load(pruned / "model.pt", weights_only=True)
+    model = build(ModelConfig(hidden=[16, 8]), (64,), 10, seed=0)
+    model.load_state_dict(start)
+    with h5py.File(datasets["digits"], "r") as file:
+        rows = Partition(len(file["train/y"]), 64, 0, 1, seed=0).epoch(0)[0].local
+        x, y = torch.from_numpy(file["train/x"][...][rows]), torch.from_numpy(file["train/y"][...][rows]).long()
+    with torch.no_grad():
+        assert first_losses[0] == pytest.approx(float(F.cross_entropy(model(x.float()), y)), rel=1e-6)
+    assert {name: t.shape for name, t in end.items()} == {name: t.shape for name, t in start.items()}
+    assert not all(torch.equal(start[name], end[name]) for name in start)  # it trained
+    for name, tensor in start.items():
+        if tensor.dim() >= 2:
+            assert bool((end[name][tensor == 0] == 0).all()), name  # masks kept through Adam's steps
+    scored = run_mpi(2, "-m", "hpcdl", "evaluate", "--checkpoint", str(tmp_path / "tuned"), "--data",
+                     str(datasets["digits"]), "--no-progress", "--out-dir", str(tmp_path / "eval"),
+                     timeout=60)  # fmt: skip
+    assert scored.returncode == 0, scored.stderr
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["accuracy"]
+    assert evaluated == pytest.approx(read_summary(tmp_path / "tuned")["val_acc"], abs=1e-9)  # the run's own figure
+
+
+def test_finetuning_on_a_two_stage_pipeline_equals_one_process(pruned, datasets, tmp_path):
+    """train.init reaches a split model too: each stage allocates its part from the pruned folder's weights."""
+    one = finetune(datasets, pruned, tmp_path / "one")
+    sets = [f"data.path='{datasets['digits']}'", "run.progress=false", f"train.init='{pruned}'", "train.max_steps=6",
+            f"run.dir='{tmp_path / 'two'}'", "parallel.mode='pipeline'", "parallel.stages=2"]  # fmt: skip
+    done = hpcdl_train(2, str(pruned / "config.toml"), *sets, timeout=90)
+    assert done.returncode == 0 and "(train.init)" in done.stdout, done.stderr
+    two = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_a_train_init_that_is_no_run_is_one_line(tmp_path):
+    from hpcdl.errors import HpcdlError
+    from hpcdl.preflight import initial_weights
+
+    with pytest.raises(HpcdlError, match=r"^config: train.init = '.*no': neither a checkpoint file nor a run folder$"):
+        initial_weights(str(tmp_path / "no"), [])
+    with pytest.raises(HpcdlError, match=r"^config: train.init = '.*': no checkpoint in .*checkpoints$"):
+        initial_weights(str(tmp_path), [])

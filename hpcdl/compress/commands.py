@@ -1,6 +1,7 @@
 """`hpcdl prune RUN_DIR --sparsity S [--structured l1|l2 --fraction F] --out DIR`: a trained run's model pruned
-into a new run folder (a checkpoint with the run's config, hidden sizes changed if structured, and model.pt) that
-`hpcdl export`, `hpcdl infer` and `hpcdl evaluate` take like any run."""
+into a new run folder (a checkpoint with the run's config, hidden sizes changed if structured, model.pt and
+config.toml) that `hpcdl export`, `hpcdl infer` and `hpcdl evaluate` take like any run, and that a new run trains
+further from (`hpcdl train --config DIR/config.toml --set train.init=DIR --set run.dir=NEW`: fine-tuning)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ def prune_run(target: str, out: str, sparsity: float, structured: str | None, fr
     """Load `target`'s newest valid checkpoint, prune (neurons first, then weights), write OUT; what was done."""
     from hpcdl import checkpoint
     from hpcdl.compress import prune
-    from hpcdl.infer.model import locate, output_classes, run_config
+    from hpcdl.config import PruneConfig
+    from hpcdl.infer.model import output_classes, run_config
     from hpcdl.models import build, torch_dtype
+    from hpcdl.rundir import write_config
 
     for name, value in (("--sparsity", sparsity), ("--fraction", fraction)):
         if not (math.isfinite(value) and 0 <= value < 1):
             raise HpcdlError(f"{name} must be >= 0 and < 1, got {value}")
     notes: list[str] = []
-    path = locate(target, notes)
+    path = checkpoint.locate(target, notes)
     state = checkpoint.load(path)
     cfg = run_config(state, path)
     if structured and cfg.model.name != "mlp":
@@ -44,16 +47,28 @@ def prune_run(target: str, out: str, sparsity: float, structured: str | None, fr
     if out_dir.exists() and any(out_dir.iterdir()):
         raise HpcdlError(f"--out {out}: folder is not empty (a pruned model goes to a new folder)")
     weights_only = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    cfg.run.dir = str(out_dir)
+    cfg.run.dir, cfg.train.init = str(out_dir), ""
+    # A run started from these weights (train.init) keeps their zeros from its step 0: masks kept, no new ramp.
+    cfg.prune = PruneConfig(final_sparsity=zeros / weights, start=0, end=0) if zeros else PruneConfig()
     saved = {key: state[key] for key in ("dataset", "source", "epoch", "global_step", "step_in_epoch") if key in state}
     saved.update(model=weights_only, config=cfg.to_dict(), pruned_from=str(path))
     checkpoint.save(out_dir, int(state.get("global_step", 0)), saved, keep=1)
     checkpoint.save_weights(out_dir, weights_only)
+    write_config(out_dir, cfg.to_dict())
     return {
         "checkpoint": str(path), "out": str(out_dir), "parameters_before": before,
         "parameters": sum(t.numel() for t in weights_only.values()), "hidden": list(cfg.model.hidden),
         "threshold": threshold, "pruned": zeros, "weights": weights, "k": k,
     }  # fmt: skip
+
+
+def finetune_command(pruned: str, epochs: int) -> str:
+    """The command that trains a pruned folder's model further, in a new run folder beside it."""
+    from hpcdl.rundir import CONFIG
+
+    config, into = Path(pruned) / CONFIG, f"{Path(pruned)}-finetuned"
+    return (f"hpcdl train --config {config} --set train.init='{pruned}' --set run.dir='{into}' "
+            f"--set train.epochs={epochs}")  # fmt: skip
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -62,6 +77,7 @@ def _prune(args: argparse.Namespace) -> int:
         f"hpcdl: pruned {done['checkpoint']}: {done['parameters_before']:,} -> {done['parameters']:,} parameters"
         f" (hidden {done['hidden']}), {done['pruned']:,} of {done['weights']:,} weights zero; wrote {done['out']}"
     )
+    print(f"hpcdl: fine-tune it: {finetune_command(done['out'], 3)}")
     return 0
 
 

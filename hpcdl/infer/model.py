@@ -32,23 +32,6 @@ class ScoringModel:
     source: str = ""  # the checkpoint it came from ("" for a user's module)
 
 
-def locate(target: str, notes: list[str]) -> Path:
-    """A checkpoint file, or a run folder's newest valid checkpoint (each one skipped explained in `notes`)."""
-    path = Path(target)
-    if path.is_dir():
-        found = checkpoint.resolve("auto", path, notes)
-        if found is None:
-            raise HpcdlError(f"--checkpoint {target}: no checkpoint in {checkpoint.checkpoint_dir(path)}")
-        return found
-    if not path.is_file():
-        raise HpcdlError(f"--checkpoint {target}: neither a checkpoint file nor a run folder")
-    # best.pt is written atomically beside the rotation and never listed in the manifest.
-    listed = path.name != checkpoint.BEST and (path.parent / checkpoint.MANIFEST).is_file()
-    if listed and (reason := checkpoint.problem(path)):
-        raise HpcdlError(f"--checkpoint {target}: checkpoint is not valid ({reason})")
-    return path
-
-
 def run_config(state: dict[str, Any], path: Path) -> config.Config:
     """The config the checkpoint's run trained with; a factory's module is looked for next to its config file."""
     tree, source = state.get("config"), str(state.get("source") or "")
@@ -69,7 +52,7 @@ def output_classes(saved: dict[str, torch.Tensor]) -> int:
 
 def from_checkpoint(target: str, source: ScoringInput, notes: list[str]) -> ScoringModel:
     """The checkpoint's model rebuilt for `source`'s samples, its saved state loaded; a ConfigError if they differ."""
-    path = locate(target, notes)
+    path = checkpoint.locate(target, notes)
     state = checkpoint.load(path)
     cfg = run_config(state, path)
     saved, dtype = state["model"], torch_dtype(cfg.model.dtype)
