@@ -258,8 +258,9 @@ class ParallelConfig:
         _choice("parallel.compression", self.compression, COMPRESSIONS)
 
 
-# Modes whose step scores each rank's whole rows at once (hpcdl.distill's teacher sees the same rows).
-DISTILL_MODES = ("data", "zero", "local-sgd", "ps-sync", "ps-async")
+# Modes whose loss sees each row's whole sample (hpcdl.distill's online teacher scores the same rows); with columns a
+# rank reads only its columns of the features, so only the precomputed logits (looked up by sample index) serve it.
+ONLINE_TEACHER_MODES = ("data", "zero", "local-sgd", "ps-sync", "ps-async", "pipeline", "tensor")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -340,8 +341,10 @@ class Config:
         _need(not pruned, "prune.final_sparsity", f"> 0 needs parallel.mode data, pipeline, tensor, columns or zero, "
               f"not {self.parallel.mode!r} (its ranks' weights differ between syncs)")  # fmt: skip
         mode = self.parallel.mode
-        _need(not self.distill.enabled or mode in DISTILL_MODES, "distill",
-              f"works with parallel.mode {', '.join(DISTILL_MODES)}, not {mode!r}")  # fmt: skip
+        online = self.distill.enabled and self.distill.source == "online"
+        _need(not online or mode in ONLINE_TEACHER_MODES, "distill.source",
+              f"= 'online' needs the whole samples, but parallel.mode {mode!r} gives each rank only its feature "
+              "columns: precompute the teacher's logits (distill.source = 'precomputed')")  # fmt: skip
         return self
 
     def to_dict(self) -> dict[str, Any]:

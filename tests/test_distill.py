@@ -19,6 +19,7 @@ from hpcdl.parallel.loss import Objective
 from conftest import assert_one_line, hpcdl_train, run_mpi
 
 STUDENT = ["model.hidden=[16]", "train.optimizer='sgd'", "train.lr=0.1", "train.max_steps=6", "train.epochs=5"]
+SOFT = ["distill.temperature=3.0", "distill.alpha=0.8"]
 
 
 def test_distillation_loss_equals_plain_torch_reference():
@@ -75,7 +76,7 @@ def test_precomputed_rows_read_by_index_equal_the_cached_file(tmp_path):
         (["distill.teacher='t'", "distill.logits='l.h5'"], "distill.logits is read only with distill.source"),
         (["distill.teacher='t'", "distill.temperature=0"], "distill.temperature must be a finite number > 0"),
         (["distill.source='precomputed'"], "distill.logits must name the teacher's logits file"),
-        (["distill.teacher='t'", "parallel.mode='pipeline'"], "distill works with parallel.mode data"),
+        (["distill.teacher='t'", "parallel.mode='columns'"], "distill.source = 'online' needs the whole samples"),
     ],
 )
 def test_config_errors(sets, words):
@@ -120,14 +121,47 @@ def _student(ranks, datasets, run_dir, *sets):
 
 def test_online_and_precomputed_teachers_train_the_same_student_at_one_and_two_ranks(teacher, datasets, tmp_path):
     run_dir, logits = teacher
-    soft = ["distill.temperature=3.0", "distill.alpha=0.8"]
-    online = _student(1, datasets, tmp_path / "online", f"distill.teacher='{run_dir}'", *soft)
-    precomputed = ["distill.source='precomputed'", f"distill.logits='{logits}'", *soft]
+    online = _student(1, datasets, tmp_path / "online", f"distill.teacher='{run_dir}'", *SOFT)
+    precomputed = ["distill.source='precomputed'", f"distill.logits='{logits}'", *SOFT]
     stored = _student(1, datasets, tmp_path / "pre1", *precomputed)
     two = _student(2, datasets, tmp_path / "pre2", *precomputed)
     for name, tensor in online.items():
         assert torch.allclose(tensor, stored[name], atol=1e-6), name
         assert torch.allclose(two[name], stored[name], atol=1e-5), name
+
+
+@pytest.fixture(scope="module")
+def one_rank_student(teacher, datasets, tmp_path_factory):
+    """The student distilled online on one rank, trained in this process: what every layout must reproduce."""
+    from hpcdl import comm
+    from hpcdl.train import train
+
+    run_dir = tmp_path_factory.mktemp("student") / "one"
+    sets = [f"data.path='{datasets['digits']}'", f"run.dir='{run_dir}'", "run.progress=false", *STUDENT,
+            f"distill.teacher='{teacher[0]}'", *SOFT]  # fmt: skip
+    train(config.load("digits-mlp", sets), comm.init(threads=1))
+    return torch.load(run_dir / "model.pt", weights_only=True)
+
+
+@pytest.mark.parametrize(
+    "layout, source",
+    [
+        (["parallel.mode='pipeline'", "parallel.stages=2"], "precomputed"),
+        (["parallel.mode='tensor'", "parallel.tensor=2"], "online"),
+        (["parallel.mode='columns'"], "precomputed"),
+    ],
+    ids=["pipeline-precomputed", "tensor-online", "columns-precomputed"],
+)
+def test_split_models_distill_the_same_student_as_one_rank(layout, source, teacher, one_rank_student, datasets,
+                                                           tmp_path):  # fmt: skip
+    """Pipeline (the last stage scores, each micro-batch with its sample indices), tensor and columns (each rank
+    only its feature columns: precomputed logits) give the one-rank student."""
+    run_dir, logits = teacher
+    teacher_sets = [f"distill.teacher='{run_dir}'"] if source == "online" else [
+        "distill.source='precomputed'", f"distill.logits='{logits}'"]  # fmt: skip
+    two = _student(2, datasets, tmp_path / "two", *layout, *teacher_sets, *SOFT)
+    for name, tensor in one_rank_student.items():
+        torch.testing.assert_close(two[name], tensor, rtol=0, atol=1e-5)
 
 
 def test_a_missing_teacher_is_one_line(datasets, tmp_path):

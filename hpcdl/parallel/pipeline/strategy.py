@@ -161,6 +161,8 @@ class Pipeline(Strategy):
             return StepResult()
         self._connect(batch)
         xs, ys = torch.split(batch.x, sizes), torch.split(batch.y, sizes)
+        # Each micro-batch keeps its rows' sample indices: a loss may look rows up by them (distillation's logits).
+        rows = np.split(batch.indices, np.cumsum(sizes)[:-1]) if batch.indices is not None else [None] * len(sizes)
         for queue in (self.recv_act, self.recv_grad):
             if queue is not None:
                 queue.expect(sizes)
@@ -170,7 +172,7 @@ class Pipeline(Strategy):
         stats = np.zeros(self.objective.width)
         for step, (kind, i) in enumerate(actions):
             if kind == "F":
-                saved[i] = self._forward(i, xs, ys, batch.global_count, scale, timer, stats)
+                saved[i] = self._forward(i, xs, ys, rows, batch.global_count, scale, timer, stats)
                 self.peak_alive = max(self.peak_alive, len(saved))
             else:
                 communicate = sync and step == last_backward and self.dp is not None
@@ -183,7 +185,7 @@ class Pipeline(Strategy):
             self.dp.finish_sync(timer)
         return StepResult.from_vector(stats)
 
-    def _forward(self, i, xs, ys, global_count, scale, timer, stats):
+    def _forward(self, i, xs, ys, rows, global_count, scale, timer, stats):
         """Forward of micro-batch i: receive (or read) its input, run the stage, send or take the loss."""
         slot = None
         if self.is_first:
@@ -195,7 +197,7 @@ class Pipeline(Strategy):
         with timer.phase("forward"), self.autocast():
             out = self.stage(x)
             if self.is_last:
-                loss = self.objective.share_of_loss(out, Batch(xs[i], ys[i], global_count))
+                loss = self.objective.share_of_loss(out, Batch(xs[i], ys[i], global_count, indices=rows[i]))
                 stats += self.objective.counted(out, ys[i], loss.item() * global_count).vector(len(stats))
                 out = loss * scale if scale != 1.0 else loss
         if not self.is_last:
