@@ -63,6 +63,8 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def logits(self, batch: Batch) -> torch.Tensor:
+        if next(self.model.parameters()).device != batch.x.device:  # the student's device (train.device), once
+            self.model.to(batch.x.device)
         return self.model(batch.x.to(self.dtype)).float()
 
 
@@ -93,14 +95,14 @@ class PrecomputedLogits:
         if indices is None:
             raise HpcdlError("distill.source = 'precomputed' needs each batch's sample indices (Batch.indices)")
         if self.cache is not None:
-            return torch.from_numpy(self.cache[indices]).float()
+            return torch.from_numpy(self.cache[indices]).float().to(batch.x.device)
         order = np.argsort(indices, kind="stable")
         ordered = np.empty((len(indices), self.dataset.shape[1]), dtype=self.dataset.dtype)
         for start, stop, offset in contiguous_runs(np.asarray(indices)[order]):
             ordered[offset : offset + stop - start] = self.dataset[start:stop]
         out = np.empty_like(ordered)
         out[order] = ordered
-        return torch.from_numpy(out).float()
+        return torch.from_numpy(out).float().to(batch.x.device)
 
 
 @dataclass(frozen=True, eq=False)

@@ -69,7 +69,7 @@ def kth_smallest_abs(parts: Parts, k: int, group: World | None = None) -> torch.
         for key, split in keys:
             key = key[(key >> (shift + 8)) == prefix] if shift < 56 else key
             narrowed.append((key, split))
-            hists[0 if split else 1] += torch.bincount((key >> shift) & 255, minlength=256).numpy()
+            hists[0 if split else 1] += torch.bincount((key >> shift) & 255, minlength=256).cpu().numpy()
         keys = narrowed
         cumulative = np.cumsum(_summed(hists[0], hists[1], group))
         digit = int(np.searchsorted(cumulative, remaining))  # the first bin whose running count reaches k
