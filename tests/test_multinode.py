@@ -146,7 +146,8 @@ def submit_train(capsys, tmp_path: Path, datasets, *args: str) -> int:
 
 
 def test_train_template_on_two_nodes_requeues_and_resumes_to_the_same_model(cluster, capsys, datasets, tmp_path):
-    job = submit_train(capsys, tmp_path, datasets, "--run-dir=parts", "--set=train.epochs=20")
+    # 8 epochs: the signal, sent once epoch 1 is logged, lands well before the end (an epoch takes 1-2 s here).
+    job = submit_train(capsys, tmp_path, datasets, "--run-dir=parts", "--set=train.epochs=8")
     log_has = lambda text: lambda info: text in output_tail(info, 200)  # noqa: E731
     MULTINODE.wait_until(job, log_has("epoch 1 "), JOB_TIMEOUT_S, "training under way")
     subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True, timeout=30, env=cluster)
@@ -158,7 +159,7 @@ def test_train_template_on_two_nodes_requeues_and_resumes_to_the_same_model(clus
 
     # The uninterrupted run, meanwhile, on the same two nodes with the same layout.
     whole = tmp_path / "whole"
-    sets = ["--set", f"data.path='{datasets['digits']}'", "--set", f"run.dir='{whole}'", "--set", "train.epochs=20"]
+    sets = ["--set", f"data.path='{datasets['digits']}'", "--set", f"run.dir='{whole}'", "--set", "train.epochs=8"]
     for assignment in ("train.batch_size=32", "train.optimizer='sgd'", "run.progress=false", "model.hidden=[256,256]"):
         sets += ["--set", assignment]
     result = srun(cluster, tmp_path, 4, 2, sys.executable, "-m", "hpcdl", "train",

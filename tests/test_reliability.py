@@ -9,13 +9,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from hpcdl import checkpoint
+from hpcdl import checkpoint, cli
 from hpcdl.comm import EXIT_REQUEUE
 
 from conftest import hpcdl_train, read_summary, run_watched
@@ -44,6 +42,14 @@ def train_args(datasets, run_dir: Path, *extra: str) -> list[str]:
     for assignment in settings(datasets, run_dir):
         args += ["--set", assignment]
     return [*args, *extra]
+
+
+def checkpoint_info(capsys, run_dir: Path) -> str:
+    """`hpcdl checkpoint info RUN_DIR`'s output, run in this process (it needs no launcher)."""
+    status = cli.main(["checkpoint", "info", str(run_dir)])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    return out
 
 
 def final_digest(run_dir: Path) -> str:
@@ -110,7 +116,7 @@ def test_sigterm_and_sigusr1_checkpoint_exit_75_and_resume_bitwise(datasets, bas
     assert final_digest(run_dir) == final_digest(baseline)
 
 
-def test_corrupt_newest_checkpoint_falls_back(datasets, baseline, tmp_path):
+def test_corrupt_newest_checkpoint_falls_back(datasets, baseline, tmp_path, capsys):
     # The baseline kept steps 28, 32 and 34; cut the newest short: resume uses 32 and redoes 2 steps.
     run_dir = tmp_path / "run"
     shutil.copytree(baseline, run_dir)
@@ -130,12 +136,9 @@ def test_corrupt_newest_checkpoint_falls_back(datasets, baseline, tmp_path):
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(bytes(data))
-    info = subprocess.run(
-        [sys.executable, "-m", "hpcdl", "checkpoint", "info", str(flipped)], capture_output=True, text=True, timeout=60
-    )
-    assert info.returncode == 0, info.stderr
-    assert "checksum mismatch" in info.stdout and "step-00000032.pt" in info.stdout
-    assert "step         32" in info.stdout
+    info = checkpoint_info(capsys, flipped)
+    assert "checksum mismatch" in info and "step-00000032.pt" in info
+    assert "step         32" in info
     # With every checkpoint damaged, resuming is a clear error rather than a silent fresh start.
     for path in checkpoint.list_checkpoints(flipped):
         os.truncate(path, 10)
@@ -143,14 +146,11 @@ def test_corrupt_newest_checkpoint_falls_back(datasets, baseline, tmp_path):
         checkpoint.resolve("auto", flipped)
 
 
-def test_checkpoint_info_digest_matches_training(baseline):
-    info = subprocess.run(
-        [sys.executable, "-m", "hpcdl", "checkpoint", "info", str(baseline)], capture_output=True, text=True, timeout=60
-    )
-    assert info.returncode == 0, info.stderr
+def test_checkpoint_info_digest_matches_training(baseline, capsys):
+    info = checkpoint_info(capsys, baseline)
     for line in ("step         34", "world size   4", "config       digits-mlp", "integrity    ok"):
-        assert line in info.stdout, info.stdout
-    assert f"params       sha256:{final_digest(baseline)}" in info.stdout
+        assert line in info, info
+    assert f"params       sha256:{final_digest(baseline)}" in info
 
 
 def test_elastic_resume_4_to_2_to_1(datasets, baseline, killed):

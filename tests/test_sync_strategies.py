@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import h5py
@@ -27,6 +28,18 @@ from conftest import hpcdl_train, read_summary, reference_sets, run_watched
 from reference import assert_close_states, reference_train
 
 HIDDEN, STEPS, BATCH, LR = [16, 8], 12, 48, 0.05
+# Every mode as the kill-and-signal test runs it; checkpoints every 4 steps change no weight, so the same runs serve
+# as the uninterrupted ones of the tests that check a mode's result.
+PS_SYNC = ("parallel.mode='ps-sync'", "run.checkpoint_every=4")
+MODES = {
+    "ps-sync": (*PS_SYNC, "parallel.servers=1"),
+    "ps-async": (
+        "parallel.mode='ps-async'", "parallel.deterministic=true", "parallel.max_staleness=0", "run.checkpoint_every=4"
+    ),
+    "local-sgd": (
+        "parallel.mode='local-sgd'", "parallel.local_steps=4", "parallel.post_local_steps=2", "run.checkpoint_every=4"
+    ),
+}  # fmt: skip
 
 
 def train_strategy(datasets, run_dir: Path, ranks: int, *sets: str, extra: tuple[str, ...] = ()):
@@ -40,16 +53,64 @@ def final_state(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
+def trained(datasets, tmp_path_factory):
+    """`trained(ranks, *sets)`: the folder of a finished run of that layout, trained once for the module (one
+    launch less for each test that only reads it)."""
+    runs: dict[tuple, Path] = {}
+
+    def train(ranks: int, *sets: str) -> Path:
+        key = (ranks, *sorted(sets))
+        if key not in runs:
+            run_dir = tmp_path_factory.mktemp("trained")
+            result = train_strategy(datasets, run_dir, ranks, *sets)
+            assert result.returncode == 0, result.stderr
+            runs[key] = run_dir
+        return runs[key]
+
+    return train
+
+
+@pytest.fixture(scope="module")
+def stopped(datasets, tmp_path_factory):
+    """`stopped(mode)`: the folder of a 3-rank run of MODES[mode] whose first rank was killed at step 6 (a server,
+    in the server modes), then resumed from step 4 and stopped by a signal to one rank at step 7, where every rank
+    checkpoints. Made once per mode; tests resume copies of it."""
+    runs: dict[str, Path] = {}
+
+    def stop(mode: str) -> Path:
+        if mode in runs:
+            return runs[mode]
+        run_dir = tmp_path_factory.mktemp("stopped") / "run"
+        args = ["-m", "hpcdl", "train", "--config", "digits-mlp", "--threads", "1", "--resume", "auto"]
+        for assignment in (*reference_sets(datasets["synthetic"], run_dir, HIDDEN, BATCH, STEPS, LR), *MODES[mode]):
+            args += ["--set", assignment]
+        status, _, stderr, seconds = run_watched(3, [*args, "--fault", "kill@0:6"], "injecting kill")
+        assert status != 0 and seconds < 15, f"{seconds} s\n{stderr}"
+        # Step 7 lies between local SGD's averages (after steps 6 and 10).
+        result = train_strategy(datasets, run_dir, 3, *MODES[mode], extra=("--resume", "auto", "--fault", "signal@2:7"))
+        assert result.returncode == EXIT_REQUEUE, result.stderr
+        assert "resumed at step 4" in result.stdout and "stopped by SIGUSR1 at step 7" in result.stdout
+        runs[mode] = run_dir
+        return run_dir
+
+    return stop
+
+
+def resume_a_copy(datasets, stopped_run: Path, copy: Path, ranks: int, *sets: str):
+    """`--resume auto` on `ranks` ranks of a copy of a stopped run (which other tests resume too)."""
+    shutil.copytree(stopped_run, copy)
+    return train_strategy(datasets, copy, ranks, *sets, extra=("--resume", "auto"))
+
+
+@pytest.fixture(scope="module")
 def expected(datasets) -> dict[str, torch.Tensor]:
     """The single-process reference every synchronous layout must reproduce."""
     return reference_train(datasets["synthetic"], ModelConfig(hidden=HIDDEN), seed=0, batch=BATCH, steps=STEPS, lr=LR)
 
 
 @pytest.mark.parametrize(("ranks", "servers"), [(3, 1), (3, 2), (4, 1), (4, 2)])
-def test_ps_sync_matches_one_process(datasets, expected, tmp_path, ranks, servers):
-    result = train_strategy(datasets, tmp_path, ranks, "parallel.mode='ps-sync'", f"parallel.servers={servers}")
-    assert result.returncode == 0, result.stderr
-    state = final_state(tmp_path)
+def test_ps_sync_matches_one_process(trained, expected, ranks, servers):
+    state = final_state(trained(ranks, *PS_SYNC, f"parallel.servers={servers}"))
     assert state["global_step"] == STEPS
     assert_close_states(state["model"], expected)
     # The servers' optimizer states, joined, are the unsplit model's: one momentum buffer per parameter.
@@ -97,11 +158,9 @@ def simulate_local_sgd(path: Path, ranks: int, local_steps: int, post_local: int
     return [m.state_dict() for m in models]
 
 
-def test_local_sgd_equals_a_simulation_of_its_ranks(datasets, tmp_path):
-    sets = ("parallel.mode='local-sgd'", "parallel.local_steps=4", "parallel.post_local_steps=2")
-    result = train_strategy(datasets, tmp_path, 3, *sets)
-    assert result.returncode == 0, result.stderr
-    state = final_state(tmp_path)
+def test_local_sgd_equals_a_simulation_of_its_ranks(datasets, trained):
+    run_dir = trained(3, *MODES["local-sgd"])
+    state = final_state(run_dir)
     simulated = simulate_local_sgd(datasets["synthetic"], 3, local_steps=4, post_local=2)
     # Averages after steps 6 and 10; steps 11-12 are local: each rank's own weights, and their average as the model.
     local = state["local"]
@@ -110,7 +169,7 @@ def test_local_sgd_equals_a_simulation_of_its_ranks(datasets, tmp_path):
         assert_close_states(own["model"], simulated[rank])
     average = {key: torch.stack([s[key] for s in simulated]).mean(0) for key in simulated[0]}
     assert_close_states(state["model"], average)
-    assert read_summary(tmp_path)["local_sgd"]["averages"] == 2
+    assert read_summary(run_dir)["local_sgd"]["averages"] == 2
 
 
 @pytest.mark.parametrize("ranks", [3, 4])
@@ -131,69 +190,39 @@ def test_ps_async_converges_within_its_staleness_bound(datasets, tmp_path, ranks
     assert summary["val_acc"] >= 0.85, summary["val_acc"]  # one run at 3 workers: 0.68 with Adam at lr 0.05
 
 
-def test_ps_async_deterministic_mode_repeats_itself(datasets, tmp_path):
-    digests = []
-    for run in ("a", "b"):
-        result = train_strategy(
-            datasets, tmp_path / run, 3, "parallel.mode='ps-async'", "parallel.deterministic=true",
-            "parallel.max_staleness=0", "train.batch_size=48",
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr
-        digests.append(read_summary(tmp_path / run)["param_digests"][0])
-    assert digests[0] == digests[1]
+def test_ps_async_deterministic_mode_repeats_itself(datasets, trained, tmp_path):
+    first = trained(3, *MODES["ps-async"])
+    result = train_strategy(datasets, tmp_path, 3, *MODES["ps-async"])
+    assert result.returncode == 0, result.stderr
+    assert read_summary(tmp_path)["param_digests"][0] == read_summary(first)["param_digests"][0]
     # max_staleness 0, 2 workers in order: each gradient was computed before the other worker's last update,
     # so each is computed again on fresh parameters, but the very first one (both start at version 0).
-    assert read_summary(tmp_path / "a")["recomputed_pushes"] == 2 * STEPS - 1
-    assert read_summary(tmp_path / "a")["staleness_histogram"] == {"0": 2 * STEPS}
-
-
-MODES = {
-    "ps-sync": ("parallel.mode='ps-sync'",),
-    "ps-async": ("parallel.mode='ps-async'", "parallel.deterministic=true"),
-    "local-sgd": ("parallel.mode='local-sgd'", "parallel.local_steps=4"),
-}
+    assert read_summary(first)["recomputed_pushes"] == 2 * STEPS - 1
+    assert read_summary(first)["staleness_histogram"] == {"0": 2 * STEPS}
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_kill_and_signal_end_every_rank_and_resume(datasets, tmp_path, mode):
-    sets = (*MODES[mode], "run.checkpoint_every=4", "train.batch_size=48")
-    whole = tmp_path / "whole"
-    assert train_strategy(datasets, whole, 3, *sets).returncode == 0
-    run_dir = tmp_path / "run"
-    args = ["-m", "hpcdl", "train", "--config", "digits-mlp", "--threads", "1", "--resume", "auto"]
-    for assignment in (*reference_sets(datasets["synthetic"], run_dir, HIDDEN, BATCH, STEPS, LR), *sets):
-        args += ["--set", assignment]
-    # The first rank holds parameters in the server modes: a server dies.
-    status, _, stderr, seconds = run_watched(3, [*args, "--fault", "kill@0:6"], "injecting kill")
-    assert status != 0 and seconds < 15, f"{seconds} s\n{stderr}"
-    # A signal to one rank between local SGD's averages (step 7): every rank checkpoints at the same step.
-    result = train_strategy(datasets, run_dir, 3, *sets, extra=("--resume", "auto", "--fault", "signal@2:7"))
-    assert result.returncode == EXIT_REQUEUE, result.stderr
-    assert "resumed at step 4" in result.stdout and "stopped by SIGUSR1 at step 7" in result.stdout
-    result = train_strategy(datasets, run_dir, 3, *sets, extra=("--resume", "auto"))
+def test_kill_and_signal_end_every_rank_and_resume(datasets, trained, stopped, tmp_path, mode):
+    result = resume_a_copy(datasets, stopped(mode), tmp_path / "run", 3, *MODES[mode])
     assert result.returncode == 0, result.stderr
-    assert read_summary(run_dir)["step"] == STEPS
+    assert read_summary(tmp_path / "run")["step"] == STEPS
     if mode != "ps-async":  # a server's update count restarts with the job: async staleness differs
-        assert read_summary(run_dir)["param_digests"] == read_summary(whole)["param_digests"]
+        whole = trained(3, *MODES[mode])
+        assert read_summary(tmp_path / "run")["param_digests"] == read_summary(whole)["param_digests"]
 
 
-def test_ps_sync_resumes_on_other_ranks_and_servers(datasets, expected, tmp_path):
-    sets = ("parallel.mode='ps-sync'", "run.checkpoint_every=4")
-    result = train_strategy(datasets, tmp_path, 3, *sets, extra=("--fault", "signal@1:6"))
-    assert result.returncode == EXIT_REQUEUE, result.stderr
-    result = train_strategy(datasets, tmp_path, 4, *sets, "parallel.servers=2", extra=("--resume", "auto"))
+def test_ps_sync_resumes_on_other_ranks_and_servers(datasets, expected, stopped, tmp_path):
+    # Saved at step 7 by 3 ranks, one of them a server; continued by 4 ranks, two of them servers.
+    result = resume_a_copy(datasets, stopped("ps-sync"), tmp_path / "run", 4, *PS_SYNC, "parallel.servers=2")
     assert result.returncode == 0, result.stderr
-    assert "resumed at step 6" in result.stdout
-    assert_close_states(final_state(tmp_path)["model"], expected)
+    assert "resumed at step 7" in result.stdout
+    assert_close_states(final_state(tmp_path / "run")["model"], expected)
 
 
-def test_local_sgd_resumes_elastically_from_the_average(datasets, tmp_path):
-    sets = ("parallel.mode='local-sgd'", "parallel.local_steps=4")
-    result = train_strategy(datasets, tmp_path, 3, *sets, extra=("--fault", "signal@0:6"))
-    assert result.returncode == EXIT_REQUEUE, result.stderr
-    saved = final_state(tmp_path)
-    result = train_strategy(datasets, tmp_path, 2, *sets, extra=("--resume", "auto"))
+def test_local_sgd_resumes_elastically_from_the_average(datasets, stopped, tmp_path):
+    saved = final_state(stopped("local-sgd"))
+    result = resume_a_copy(datasets, stopped("local-sgd"), tmp_path / "run", 2, *MODES["local-sgd"])
     assert result.returncode == 0, result.stderr
-    assert "resumed at step 6" in result.stdout
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "resumed at step 7" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == STEPS and saved["local"]["world_size"] == 3

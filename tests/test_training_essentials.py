@@ -97,11 +97,10 @@ def test_regression_equals_one_process_and_metrics_equal_numpy(diabetes, tmp_pat
     assert_close_states(final_model(tmp_path / "own"), expected)
 
 
-def test_diabetes_config_beats_predicting_the_mean(tmp_path):
-    data = tmp_path / "diabetes.h5"
-    make_diabetes(data)
+def test_diabetes_config_beats_predicting_the_mean(diabetes, tmp_path):
+    # One rank trains what two would (the same global batch): the config's quality needs no second process.
     run_dir = tmp_path / "run"
-    result = hpcdl_train(2, "diabetes-mlp", f"data.path='{data}'", f"run.dir='{run_dir}'", "run.progress=false")
+    result = hpcdl_train(1, "diabetes-mlp", f"data.path='{diabetes}'", f"run.dir='{run_dir}'", "run.progress=false")
     assert result.returncode == 0, result.stderr
     summary = read_summary(run_dir)
     assert summary["val_r2"] > 0.3, summary  # predicting the train mean scores about 0 (the targets are standardized)
@@ -175,21 +174,30 @@ def test_early_stop_at_the_expected_epoch_keeps_the_best_checkpoint(datasets, tm
     assert exported.returncode == 0 and out.is_file(), exported.stderr
 
 
-def test_step_records_csv_and_tensorboard(datasets, tmp_path):
+@pytest.fixture(scope="module")
+def logged(datasets, tmp_path_factory):
+    """One rank, 2 epochs, logging every 2 steps to TensorBoard too, a step schedule, and the old name of
+    run.timing_skip_steps; its folder and its result (the tests below only read them)."""
+    run_dir = tmp_path_factory.mktemp("logged")
+    sets = ("run.log_every=2", "run.tensorboard=true", "train.schedule='step'", "train.lr_step_every=4")
+    result = train(1, datasets["synthetic"], run_dir, *sets, "run.warmup_steps=2", "train.epochs=2", steps=0)
+    return run_dir, result
+
+
+def test_step_records_csv_and_tensorboard(logged):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(1, datasets["synthetic"], tmp_path, "run.log_every=2", "run.tensorboard=true", "train.schedule='step'",
-          "train.lr_step_every=4", steps=0, extra=())  # fmt: skip
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    run_dir, _ = logged
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["event"] == "step"]
     epochs = [r for r in records if r["event"] == "epoch"]
     assert [r["step"] for r in steps][:3] == [2, 4, 6]
     # optimizer step k (from 1) is taken with 0.05 x 0.1^((k - 1) // 4)
     assert [r["lr"] for r in steps][:5] == pytest.approx([LR, LR, LR * 0.1, LR * 0.1, LR * 0.01])
     assert all(r["grad_norm"] > 0 and r["samples_per_s"] > 0 and "acc" in r for r in steps)
-    rows = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert rows[0].startswith("epoch,step,loss,acc,val_loss,val_acc") and len(rows) == 1 + len(epochs)
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,step,loss,acc,val_loss,val_acc") and len(rows) == 1 + len(epochs) == 3
+    events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     assert len(events.Scalars("epoch/val_loss")) == len(epochs)
     assert [s.step for s in events.Scalars("step/lr")] == [r["step"] for r in steps]
@@ -209,10 +217,10 @@ def test_fit_takes_own_loss_optimizer_scheduler_and_callbacks(datasets, tmp_path
     assert seen == {"steps": [3, 6, 9, 12], "epochs": [1.0]}  # 540 rows / 48: the 12 steps are one epoch
 
 
-def test_old_timing_key_still_works_and_says_so(datasets, tmp_path):
-    result = train(1, datasets["synthetic"], tmp_path, "run.warmup_steps=2", steps=4)
+def test_old_timing_key_still_works_and_says_so(logged):
+    run_dir, result = logged
     assert "run.warmup_steps is now run.timing_skip_steps (the old name still works)" in result.stdout
-    assert read_summary(tmp_path)["timing_skip_steps"] == 2
+    assert read_summary(run_dir)["timing_skip_steps"] == 2
 
 
 def test_regression_loss_on_classes_is_refused_in_one_line(datasets, tmp_path):
