@@ -98,7 +98,7 @@ def gloo_built() -> bool:
 
 
 def nccl_built() -> bool:
-    """Always False: hpcdl's collectives run on CPU tensors through MPI."""
+    """Always False: every collective goes through MPI (CUDA tensors staged through host memory)."""
     return False
 
 
