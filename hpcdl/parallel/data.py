@@ -54,6 +54,7 @@ class DataParallel(Strategy):
     ):
         self.model, self.world = model, world
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.params[0].device if self.params else self.device  # a user's model.cuda() (hpcdl.api)
         self.param_names = named_params(model, self.params)
         self.share = DataShare(world.rank, world.size)
         broadcast_module(world, model)
