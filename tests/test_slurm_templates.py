@@ -137,7 +137,8 @@ def test_train_templates_run_with_both_launchers(cluster, capsys, monkeypatch, d
     }
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     jobs["cpu"] = submit(capsys, tmp_path, *gpu, "--launcher=mpirun", "--run-dir=cpu", *args)
-    # Each rank takes its node-local GPU out of the job's list (set here as Slurm sets it for 2 GPUs).
+    # Each rank takes its node-local GPU out of the job's list (set here as Slurm sets it for 2 GPUs) and insists on
+    # training on it: on this GPU-less node every rank ends with the one line, never a silent CPU run.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     jobs["gpu"] = submit(capsys, tmp_path, *gpu, "--run-dir=gpu", *args)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
@@ -154,6 +155,10 @@ def test_train_templates_run_with_both_launchers(cluster, capsys, monkeypatch, d
     assert status == 2 and "sbatch failed: sbatch: error: invalid partition" in err.lower(), err
 
     results = {name: finished(job) for name, job in jobs.items()}
+    gpu_info, gpu_log = results.pop("gpu")
+    assert (gpu_info["JobState"], gpu_info["ExitCode"]) == ("FAILED", "2:0"), gpu_log
+    assert "local rank 0 -> GPU 3" in gpu_log and "local rank 1 -> GPU 5" in gpu_log
+    assert 'hpcdl: error: train.device = "cuda", but no GPU was found' in gpu_log and not (tmp_path / "gpu").exists()
     for name, (info, log) in results.items():
         assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{name}:\n{log}"
         assert "hpcdl: 2 ranks on 1 node(s)" in log and "training ended with status 0" in log, log
@@ -161,10 +166,9 @@ def test_train_templates_run_with_both_launchers(cluster, capsys, monkeypatch, d
         assert log.count(" ranks on ") == 1, log
         assert read_summary(tmp_path / name)["val_acc"] > 0.8
     assert "hpcdl-slurm: launching with srun --mpi=pmi2" in results["srun"][1]
-    assert "local rank 0 -> GPU 3" in results["gpu"][1] and "local rank 1 -> GPU 5" in results["gpu"][1]
     assert results["cpu"][1].count("no GPU allocated, running on CPU") == 2
     # Same ranks, same answer, whichever launcher; and the one-process reference agrees.
-    digests = {read_summary(tmp_path / d)["param_digests"][0] for d in ("srun", "mpirun", "gpu", "cpu")}
+    digests = {read_summary(tmp_path / d)["param_digests"][0] for d in ("srun", "mpirun", "cpu")}
     assert len(digests) == 1
     steps = read_summary(tmp_path / "srun")["step"]
     expected = reference_train(datasets["digits"], DIGITS_MODEL, seed=0, batch=64, steps=steps, lr=LR)
