@@ -27,7 +27,7 @@ from torch import nn
 
 from hpcdl import trace
 from hpcdl.comm import SUMMABLE, World, buffer, mpi
-from hpcdl.device import Transport, transport
+from hpcdl.device import transport
 
 WIRE_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -92,10 +92,9 @@ class GradSync:
         overlap: bool = True,
         passes: int = 1,
         scale: float = 1.0,
-        via: Transport | None = None,
     ):
         self.world, self.overlap, self.passes, self.scale = world, overlap, passes, scale
-        self.via = via or transport(params[0].device if params else torch.device("cpu"))
+        self.via = transport(params[0].device if params else torch.device("cpu"))  # how buckets reach MPI
         self.params = params
         self.sync_enabled = True
         self.buckets: list[Bucket] = []
