@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from hpcdl.bench.common import mpiexec
+
 REPO = Path(__file__).resolve().parent.parent
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 
 
 def mpi_command(ranks: int, *args: str) -> list[str]:
-    """`mpiexec -n ranks python ...`; Open MPI needs flags to run as root and oversubscribe."""
-    launcher = [MPIEXEC, "-n", str(ranks)]
-    banner = subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True).stdout
-    if "Open MPI" in banner or "OpenRTE" in banner:  # Open MPI 5 says the first, 4.x the second
-        launcher += ["--allow-run-as-root", "--oversubscribe"]
-    return [*launcher, sys.executable, *args]
+    """`mpiexec -n ranks python ...` with the launcher the benchmarks use (Open MPI's flags for root included)."""
+    return [*mpiexec(), "-n", str(ranks), sys.executable, *args]
 
 
 def run_mpi(ranks: int, *args: str, timeout: float = 120, cwd: Path | None = None, env: dict | None = None):
