@@ -1,4 +1,5 @@
-"""Runs every row of faults_table.CASES under mpiexec: the expected message, status and promptness."""
+"""Runs every row of faults_table.CASES under mpiexec (the expected message, status and promptness), and every
+bad config value against config.load."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from faults_table import CASES, Case
+from faults_table import CASES, CONFIG_VALUES, Case, config_settings
 
 from hpcdl import checkpoint, config, rundir
 from hpcdl.config import ModelConfig
+from hpcdl.errors import HpcdlError
 from hpcdl.models import build
 
 from conftest import REPO, run_watched
@@ -317,3 +319,11 @@ def test_fault(case: Case, datasets, tmp_path):
             assert not run_dir.exists(), "a run that failed to start must leave no run folder"
         if status:
             assert fingerprint(run_dir, data) == before, "existing files must be left untouched"
+
+
+@pytest.mark.parametrize(("name", "setting", "message"), CONFIG_VALUES, ids=[row[0] for row in CONFIG_VALUES])
+def test_config_value(name: str, setting: str, message: str):
+    with pytest.raises(HpcdlError) as refused:
+        config.load("digits-mlp", list(config_settings(name, setting)))
+    text = str(refused.value)
+    assert message in text and "\n" not in text, text
