@@ -223,6 +223,7 @@ SETUPS = {
     "negative label": data_setup(train_y=np.full(200, -1, dtype="int64")),
     "float labels": data_setup(train_y=np.zeros(200, dtype="float32")),
     "int features": data_setup(train_x=np.zeros((200, FEATURES), dtype="int32")),
+    "float64 features": data_setup(train_x=np.zeros((200, FEATURES), dtype="float64")),
     "length mismatch": data_setup(train_y=np.zeros(150, dtype="int64")),
     "missing val": data_setup(edit=_delete("val")),
     "missing train x": data_setup(edit=_delete("train/x")),

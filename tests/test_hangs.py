@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from hpcdl import config
 from hpcdl.comm import EXIT_ERROR, EXIT_REQUEUE
 from hpcdl.watchdog import AUTO_FACTOR, AUTO_FLOOR_S, StepLimit
 
@@ -144,27 +145,11 @@ def measured(what: str, seconds: float, since: str = "the fault") -> str:
     return line
 
 
-@pytest.mark.slow
-def test_stopped_rank_is_ended_by_the_default_watchdog(long_data, tmp_path):
-    job = Job(2, train_args(long_data, tmp_path / "run"))
-    job.wait_for("hpcdl: 2 ranks on")
-    time.sleep(3)  # many steps in: the limit follows their measured median
-    ranks = job.ranks()
-    os.kill(ranks[1], signal.SIGSTOP)  # a stuck file system, a node that keeps its socket
-    stopped = time.monotonic()
-    status = job.ended(AUTO_FLOOR_S + 60)
-    while not all(gone(pid) for pid in ranks.values()) and time.monotonic() - stopped < 120:
-        time.sleep(0.05)
-    note = measured("SIGSTOP on rank 1, default run.watchdog_s", time.monotonic() - stopped)
-    text = job.output()
-    assert status != 0, text
-    assert all(gone(pid) for pid in ranks.values()), f"{note}; ranks left: {ranks}"
-    assert "rank(s) 1 did not arrive at the step's communication" in text, text
-    assert "rank 1: no report" in text and "run.watchdog_s 'auto'" in text, text
-    assert time.monotonic() - stopped < AUTO_FLOOR_S + 15, note
-
-
 def test_auto_limit_allows_a_minute_until_steps_are_measured_then_follows_them():
+    # The default: a run that sets nothing is watched. The end-to-end proof of a stopped rank ended by the watchdog
+    # is the faults table's "hang on one rank" and test_multinode's SIGSTOP (a limit of 4 s, the same StepLimit); the
+    # default's own minute is measured, not waited for in every suite run (README, Reliability).
+    assert config.load("digits-mlp", []).run.watchdog_s == "auto"
     limit = StepLimit("auto")
     assert limit.seconds == AUTO_FLOOR_S, "a rank stopped in the first steps ends the job in about a minute"
     assert "before any step is measured; set run.watchdog_s to seconds" in str(limit)
@@ -306,7 +291,6 @@ def test_exception_on_every_rank_prints_one_traceback(datasets, tmp_path):
 
 
 def test_nonfinite_loss_names_the_batch_rows_and_suggests_scan(datasets, tmp_path):
-    from hpcdl import config
     from hpcdl.data.partition import Partition
 
     data = datasets["synthetic"]

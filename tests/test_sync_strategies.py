@@ -108,7 +108,7 @@ def expected(datasets) -> dict[str, torch.Tensor]:
     return reference_train(datasets["synthetic"], ModelConfig(hidden=HIDDEN), seed=0, batch=BATCH, steps=STEPS, lr=LR)
 
 
-@pytest.mark.parametrize(("ranks", "servers"), [(3, 1), (3, 2), (4, 1), (4, 2)])
+@pytest.mark.parametrize(("ranks", "servers"), [(3, 1), (4, 2)])  # (3, 1) is also the kill test's uninterrupted run
 def test_ps_sync_matches_one_process(trained, expected, ranks, servers):
     state = final_state(trained(ranks, *PS_SYNC, f"parallel.servers={servers}"))
     assert state["global_step"] == STEPS

@@ -35,7 +35,7 @@ def adam_data_parallel(datasets, tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("ranks", [2, 3, 4])
+@pytest.mark.parametrize("ranks", [3, 4])  # uneven and even shards
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_with_sgd_matches_one_process(datasets, tmp_path, stage, ranks):
     result = train(datasets, tmp_path, ranks, "parallel.mode='zero'", f"parallel.zero_stage={stage}")
