@@ -17,13 +17,15 @@ from hpcdl.errors import HpcdlError
 
 
 def mpiexec() -> list[str]:
-    """The mpiexec beside this Python (the PyPI wheel's), else the one on PATH; Open MPI flags for root."""
+    """The mpiexec beside this Python (the PyPI wheel's), else the one on PATH; Open MPI's flags as below."""
     found = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
     if not found:
         raise HpcdlError("no mpiexec found: install an MPI (pip install mpich) or load the site's MPI module")
     banner = subprocess.run([found, "--version"], capture_output=True, text=True).stdout
     open_mpi = "Open MPI" in banner or "OpenRTE" in banner  # Open MPI 5 says the first, 4.x the second
-    return [found, "--allow-run-as-root", "--oversubscribe"] if open_mpi else [found]
+    # Root (containers, lent machines), more ranks than cores, and --quiet: without it Open MPI follows a rank's
+    # one-line error with a dozen lines of its own about the non-zero exit.
+    return [found, "--allow-run-as-root", "--oversubscribe", "--quiet"] if open_mpi else [found]
 
 
 def launcher(kind: str, ranks: int, per_node: int | None = None) -> list[str]:
