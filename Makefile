@@ -46,24 +46,24 @@ clean:
 BENCH = PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m hpcdl bench
 bench: $(STAMP)
 	mkdir -p runs
-	$(BENCH) allreduce --json runs/bench-allreduce.json
-	$(BENCH) dp --json runs/bench-dp.json
-	$(BENCH) pipeline --json runs/bench-pipeline.json
-	$(BENCH) pipeline --batch 1024 --json runs/bench-pipeline-b1024.json
-	$(BENCH) io --json runs/bench-io.json
-	$(BENCH) infer --json runs/bench-infer.json
-	$(BENCH) comm --json runs/bench-comm.json
-	$(BENCH) strategies --json runs/bench-strategies.json
-	$(BENCH) zero --json runs/bench-zero.json
+	$(BENCH) allreduce --json runs/bench-allreduce.json --overwrite
+	$(BENCH) dp --json runs/bench-dp.json --overwrite
+	$(BENCH) pipeline --json runs/bench-pipeline.json --overwrite
+	$(BENCH) pipeline --batch 1024 --json runs/bench-pipeline-b1024.json --overwrite
+	$(BENCH) io --json runs/bench-io.json --overwrite
+	$(BENCH) infer --json runs/bench-infer.json --overwrite
+	$(BENCH) comm --json runs/bench-comm.json --overwrite
+	$(BENCH) strategies --json runs/bench-strategies.json --overwrite
+	$(BENCH) zero --json runs/bench-zero.json --overwrite
 
 # The README's scaling study: MLP and CNN at 1 and 2 ranks, then tables, plots and a projection in docs/scaling.
 SCALE_RUN = PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m hpcdl scale run --ranks 1,2 --repeats 3 --no-report
 scale: $(STAMP)
-	$(PY) -m hpcdl data make synthetic --n 20000 --no-progress --out datasets/scale-synthetic.h5
-	$(PY) -m hpcdl data make images --n 3000 --no-progress --out datasets/scale-images.h5
+	$(PY) -m hpcdl data make synthetic --n 20000 --no-progress --overwrite --out datasets/scale-synthetic.h5
+	$(PY) -m hpcdl data make images --n 3000 --no-progress --overwrite --out datasets/scale-images.h5
 	rm -rf runs/scale-mlp runs/scale-cnn
 	$(SCALE_RUN) --config synthetic-mlp --set data.path=datasets/scale-synthetic.h5 --steps 30 --warmup 5 --out runs/scale-mlp
 	$(SCALE_RUN) --config images-cnn --set data.path=datasets/scale-images.h5 --steps 20 --warmup 3 --out runs/scale-cnn
-	PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m hpcdl bench comm --json docs/scaling/comm.json
+	PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m hpcdl bench comm --json docs/scaling/comm.json --overwrite
 	$(PY) -m hpcdl scale report runs/scale-mlp runs/scale-cnn --out docs/scaling
 	$(PY) -m hpcdl scale project --study runs/scale-mlp --comm docs/scaling/comm.json --out docs/scaling

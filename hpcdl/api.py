@@ -195,6 +195,11 @@ def _check_parts(model: nn.Module, cfg: Config, make_optimizer: Any, scheduler: 
                 f"hpcdl.fit: callback {callback!r} has neither on_step_end(record) nor on_epoch_end(record)"
             )
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(
+            f"hpcdl.fit: model {type(model).__name__} has no parameters that require gradients: nothing to train; "
+            "pass the network with its layers (e.g. nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))"
+        )
     if make_optimizer is None:
         optimizer = build_optimizer(cfg.train, params)
     else:

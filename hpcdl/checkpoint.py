@@ -35,7 +35,10 @@ from hpcdl.errors import HpcdlError
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
 PARTIAL_NAME = re.compile(r"^\..+\.partial$")
 MANIFEST = "manifest.json"
+# What each manifest entry must hold to be used: verification reads them all.
+MANIFEST_FIELDS = {"file": str, "step": int, "bytes": int, "sha256": str}
 WEIGHTS = "model.pt"
+ARCHIVE_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive: every checkpoint begins so
 BEST = "best.pt"  # run.keep_best: the best epoch's checkpoint, beside the newest ones
 # Room beyond the checkpoints themselves: the manifest, filesystem blocks, rounding of the estimate.
 SPACE_MARGIN = 1 << 20
@@ -51,6 +54,11 @@ ADVICE = {
     errno.EPERM: "make the folder writable or move run.dir",
 }
 DEFAULT_ADVICE = "check the filesystem holding run.dir"
+# What to do when a run folder holds checkpoints but none is valid: for a command that reads one, and for a restart
+# (--resume auto would find the same, and a fresh start refuses a folder that holds a run).
+LOCATE_ADVICE = "give a checkpoint file, or a run folder holding a valid one"
+RESTART_ADVICE = "start over without --resume and with --overwrite (the run is moved aside), or choose another run.dir"
+RESUME_CHOICES = "give a checkpoint file, a run folder (its newest valid checkpoint), latest or auto"
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -68,16 +76,38 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def read_manifest(folder: Path) -> dict[str, dict[str, Any]]:
-    """File name -> {step, bytes, sha256, ...} from a checkpoint folder's manifest ({} if none)."""
+    """File name -> {step, bytes, sha256, ...} from a checkpoint folder's manifest ({} if none).
+
+    A manifest that is not JSON, or lacks a field an entry needs, is damaged: one line naming the file and the cause.
+    """
+    path = folder / MANIFEST
     try:
-        entries = json.loads((folder / MANIFEST).read_text())["checkpoints"]
-        return {entry["file"]: entry for entry in entries}
+        text = path.read_text()
     except FileNotFoundError:
         return {}
-    except (ValueError, KeyError, TypeError) as exc:
+    try:
+        return {entry["file"]: entry for entry in _checked_entries(json.loads(text))}
+    except ValueError as exc:  # not JSON, or not a manifest's fields
         raise HpcdlError(
-            f"{folder / MANIFEST} is damaged ({exc}); remove it to use the checkpoints unverified"
+            f"{path} is damaged ({exc}); remove it, then name a checkpoint file to use that file unverified"
         ) from None
+
+
+def _checked_entries(manifest: Any) -> list[dict[str, Any]]:
+    """A manifest's entries, each holding every field of `MANIFEST_FIELDS` with its type; a ValueError names the first
+    one missing or wrong."""
+    entries = manifest.get("checkpoints") if isinstance(manifest, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError("no list of 'checkpoints'")
+    for number, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise ValueError(f"checkpoint entry {number} is {type(entry).__name__}, not an object")
+        for name, kind in MANIFEST_FIELDS.items():
+            if name not in entry:
+                raise ValueError(f"checkpoint entry {number} has no {name!r}")
+            if not isinstance(entry[name], kind) or isinstance(entry[name], bool):
+                raise ValueError(f"checkpoint entry {number}'s {name!r} is {entry[name]!r}, not {kind.__name__}")
+    return entries
 
 
 def _size(nbytes: int) -> str:
@@ -260,8 +290,9 @@ def _file_sha256(path: Path) -> str:
     return sha.hexdigest()
 
 
-def newest_valid(run_dir: str | Path, notes: list[str] | None = None) -> Path | None:
-    """The newest checkpoint whose bytes match the manifest; each one skipped is explained in `notes`."""
+def newest_valid(run_dir: str | Path, notes: list[str] | None = None, advice: str = LOCATE_ADVICE) -> Path | None:
+    """The newest checkpoint whose bytes match the manifest; each one skipped is explained in `notes`, and when none
+    is valid the error ends with `advice`."""
     found = list_checkpoints(run_dir)
     skipped: list[str] = []
     for path in reversed(found):
@@ -272,26 +303,22 @@ def newest_valid(run_dir: str | Path, notes: list[str] | None = None) -> Path | 
             return path
         skipped.append(f"{path.name} is not valid ({reason})")
     if found:
-        raise HpcdlError(
-            f"no valid checkpoint in {checkpoint_dir(run_dir)}: " + "; ".join(skipped) + "; start without --resume"
-        )
+        raise HpcdlError(f"no valid checkpoint in {checkpoint_dir(run_dir)}: " + "; ".join(skipped) + f"; {advice}")
     return None
 
 
 def resolve(resume: str, run_dir: str | Path, notes: list[str] | None = None) -> Path | None:
-    """`latest` -> the newest valid checkpoint (error if none); `auto` -> the same, or None if the run has
-    no checkpoint yet; anything else is a checkpoint's path, checked against its manifest."""
+    """`latest` -> the newest valid checkpoint of `run_dir` (error if none); `auto` -> the same, or None if the run
+    has no checkpoint yet; anything else a checkpoint file or a run folder (its newest valid one), as `locate`."""
+    notes = [] if notes is None else notes
     if resume in ("latest", "auto"):
-        path = newest_valid(run_dir, notes)
+        path = newest_valid(run_dir, notes, RESTART_ADVICE)
         if path is None and resume == "latest":
             raise HpcdlError(f"--resume latest: no checkpoint in {checkpoint_dir(run_dir)}")
         return path
-    path = Path(resume)
-    if not path.is_file():
-        raise HpcdlError(f"--resume {resume}: no such checkpoint file")
-    if (path.parent / MANIFEST).is_file() and (reason := problem(path)):
-        raise HpcdlError(f"--resume {resume}: checkpoint is not valid ({reason})")
-    return path
+    if not Path(resume).exists():
+        raise HpcdlError(f"--resume {resume}: no such checkpoint file or run folder; {RESUME_CHOICES}")
+    return locate(resume, notes, f"--resume {resume}")
 
 
 def locate(target: str, notes: list[str], where: str = "") -> Path:
@@ -300,7 +327,7 @@ def locate(target: str, notes: list[str], where: str = "") -> Path:
     where = where or f"--checkpoint {target}"
     path = Path(target)
     if path.is_dir():
-        found = resolve("auto", path, notes)
+        found = newest_valid(path, notes)
         if found is None:
             raise HpcdlError(f"{where}: no checkpoint in {checkpoint_dir(path)}")
         return found
@@ -323,9 +350,10 @@ def parameter_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def _refusal(exc: pickle.UnpicklingError) -> str | None:
-    """torch's reason for refusing a file under weights_only, shortened to its cause; None for other failures."""
+    """torch's reason for refusing an object under weights_only, shortened to its cause; None for other failures
+    (torch asks to "file an issue" for a pickle it cannot parse at all: damage, not a refused object)."""
     text = str(exc)
-    if not text.startswith("Weights only load failed"):
+    if not text.startswith("Weights only load failed") or "Please file an issue" in text:
         return None
     # After torch's standard preamble and numbered advice comes the line naming what it refused.
     for line in text.splitlines()[1:]:
@@ -335,14 +363,29 @@ def _refusal(exc: pickle.UnpicklingError) -> str | None:
     return "refused by torch's weights-only loader"
 
 
+def _check_archive(path: str | Path) -> None:
+    """A file that is not a PyTorch archive at all (text, random bytes, empty) is said to be no checkpoint before
+    torch parses it, so that its own error text never reaches the user."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(len(ARCHIVE_MAGIC) + 12)
+    except OSError as exc:
+        raise HpcdlError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    if not head.startswith(ARCHIVE_MAGIC):
+        what = f"not the zip archive torch.save writes: it begins {head!r}" if head else "an empty file"
+        raise HpcdlError(f"{path} is not an hpcdl checkpoint ({what}); {LOCATE_ADVICE}")
+
+
 def _unreadable(path: str | Path, exc: Exception) -> HpcdlError:
-    """One line for a file torch cannot parse at all (truncated, overwritten, not a torch file)."""
-    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "no detail"
-    return HpcdlError(f"checkpoint {path} cannot be read, damaged or not a checkpoint ({type(exc).__name__}: {first})")
+    """One line for a PyTorch archive torch cannot parse (truncated, overwritten in part)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+    cause = re.split(r"\.\s", first)[0][:300]  # torch goes on with advice after its first sentence
+    return HpcdlError(f"checkpoint {path} cannot be read, damaged or truncated ({type(exc).__name__}: {cause})")
 
 
 def load(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by `save` as data only: tensors and plain values, nothing in it executed."""
+    _check_archive(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -8,6 +8,7 @@ command itself), so `--help` and bad usage answer at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -53,11 +54,11 @@ def _train(args: argparse.Namespace) -> int:
         lambda: (config.load(args.config, args.set), Injector(args.fault, world.rank, world.size))
     )
     if args.trace:
-        world.agree(lambda: trace.check_path(args.trace))
+        world.agree(lambda: trace.check_path(args.trace, args.overwrite))
         trace.start()
     summary = train(cfg, world, resume=args.resume, faults=faults, overwrite=args.overwrite)
     if args.trace:
-        events = trace.finish(world, args.trace)
+        events = world.agree(lambda: trace.finish(world, args.trace))
         world.log(f"trace: {events:,} events from {world.size} ranks in {args.trace} (open in ui.perfetto.dev)")
     # A run stopped by SIGTERM/SIGUSR1/SIGINT has checkpointed; 75 tells the batch script to requeue it.
     return comm.EXIT_REQUEUE if summary.get("stopped_by") else 0
@@ -73,8 +74,19 @@ def _checkpoint_info(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from hpcdl.plot import plot_run
 
-    for path in plot_run(args.run_dir, args.out):
+    for path in plot_run(args.run_dir, args.out, args.overwrite):
         print(path)
+    return 0
+
+
+def _bench(module, args: argparse.Namespace) -> int:
+    """One benchmark, its output files checked before the measurements (which take minutes)."""
+    from hpcdl.outputs import check_new_file
+
+    for flag in ("json", "plot"):
+        if getattr(args, flag, None):
+            check_new_file(f"--{flag}", getattr(args, flag), args.overwrite)
+    module.run(args)
     return 0
 
 
@@ -96,7 +108,8 @@ def _add_benchmarks(commands) -> None:
     ):
         parser = kinds.add_parser(name, help=summary)
         module.add_arguments(parser)
-        parser.set_defaults(func=lambda args, module=module: module.run(args) and 0)
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing --json (or --plot) file")
+        parser.set_defaults(func=lambda args, module=module: _bench(module, args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         nargs="?",
         const="latest",
-        help="continue from the run's newest valid checkpoint (latest), from PATH, or with `auto` from the "
+        help="continue from the run's newest valid checkpoint (latest), from a checkpoint file or a run folder (its "
+        "newest valid checkpoint), or with `auto` from the "
         "newest valid one if there is one, else start fresh (the same command for first start and restart)",
     )
     train.add_argument(
@@ -145,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="a run's metrics.jsonl as PNGs: loss, per-epoch metrics, learning rate")
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a training run's folder (its run.dir)")
     plot.add_argument("--out", metavar="FOLDER", help="where the PNGs go (default: RUN_DIR)")
+    plot.add_argument("--overwrite", action="store_true", help="replace PNGs an earlier plot wrote there")
     plot.set_defaults(func=_plot)
     register_infer(commands)
     register_prune(commands)
@@ -163,3 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     except HpcdlError as exc:
         print(f"hpcdl: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader left (`hpcdl data info F | head -2`): what it did not read is not an error of ours. Python would
+        # report the pipe again when it flushes stdout at exit, so stdout is pointed at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a C tool killed by the signal reports

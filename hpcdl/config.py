@@ -81,14 +81,46 @@ def check_path(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a path (str or pathlib.Path), got {value!r}")
 
 
-def number(default: float, limits: Range) -> Any:
-    """A numeric config field whose values `Config.check` holds to `limits`."""
-    return field(default=default, metadata={"range": limits})
+@dataclass(frozen=True)
+class ReadWhen:
+    """When a key is read at all: set away from its default where `holds` is false, it would do nothing, so
+    `Config.check` refuses it (every option takes effect or is refused)."""
+
+    words: str  # the condition as the message says it, e.g. "parallel.mode = 'pipeline'"
+    holds: Callable[[Config], bool]
+    settings: tuple[str, ...]  # the keys whose values the message reports, e.g. ("parallel.mode",)
+    values: tuple = ()  # values of the first setting under which the key is read, where the condition is one key's
 
 
-def numbers(default: Callable[[], list], limits: Range) -> Any:
+def read_when(key: str, *values: Any) -> ReadWhen:
+    """Read only when `key` ("section.name") is one of `values`."""
+    section, name = key.split(".")
+    words = f"{key} = {' or '.join(map(repr, values))}"
+    return ReadWhen(words, lambda cfg: getattr(getattr(cfg, section), name) in values, (key,), values)
+
+
+def _meta(limits: Range | None, read: ReadWhen | None) -> dict[str, Any]:
+    return {key: value for key, value in (("range", limits), ("read_when", read)) if value is not None}
+
+
+def number(default: float, limits: Range, read: ReadWhen | None = None) -> Any:
+    """A numeric config field whose values `Config.check` holds to `limits` (and, with `read`, to its condition)."""
+    return field(default=default, metadata=_meta(limits, read))
+
+
+def numbers(default: Callable[[], list], limits: Range, read: ReadWhen | None = None) -> Any:
     """A config field listing numbers, each held to `limits`."""
-    return field(default_factory=default, metadata={"range": limits})
+    return field(default_factory=default, metadata=_meta(limits, read))
+
+
+def setting(default: Any, read: ReadWhen) -> Any:
+    """A config field (text, flag, list or table) read only under `read`'s condition."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=_meta(None, read))
+    return field(default=default, metadata=_meta(None, read))
+
+
+CHUNKED = read_when("data.partition", "chunked")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -98,8 +130,8 @@ class DataConfig:
     path: str = ""
     partition: str = "global"  # global | block | chunked (how rows are dealt to ranks); "columns" is parallel.mode now
     # `chunked` order: rows per block (0: whole HDF5 chunks, about 1 MiB) and blocks shuffled together per window.
-    block_rows: int = number(0, Range(0, note="(0: whole chunks of the file, about 1 MiB)"))
-    window_blocks: int = number(16, POSITIVE)  # hpcdl.data.chunked.WINDOW_BLOCKS (tests hold them equal)
+    block_rows: int = number(0, Range(0, note="(0: whole chunks of the file, about 1 MiB)"), CHUNKED)
+    window_blocks: int = number(16, POSITIVE, CHUNKED)  # hpcdl.data.chunked.WINDOW_BLOCKS (tests hold them equal)
     cache_mb: float = number(1024.0, NON_NEGATIVE)  # a rank caches what it reads when it fits this budget
     prefetch: int = number(2, NON_NEGATIVE)  # batches read ahead by a background thread; 0 = synchronous
     scan: bool = False  # scan features for NaN/Inf before training
@@ -116,19 +148,35 @@ MODEL_NAMES = ("mlp", "cnn", "rnn")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 # Ways of splitting the work (hpcdl.parallel makes the strategy of each).
 MODES = ("data", "pipeline", "tensor", "columns", "local-sgd", "ps-sync", "ps-async", "zero")
+# The modes that read each mode-specific key (each strategy's maker in hpcdl.parallel takes exactly these).
+PIPELINE = read_when("parallel.mode", "pipeline")
+BUCKETED = read_when("parallel.mode", "data", "pipeline", "tensor", "local-sgd", "zero")  # gradient buckets
+OVERLAPPED = read_when("parallel.mode", "data", "pipeline", "tensor", "local-sgd")
+COMPRESSED = read_when("parallel.mode", "data", "pipeline", "tensor")
+REPLICATED = read_when("parallel.mode", "pipeline", "tensor")
+LOCAL_SGD = read_when("parallel.mode", "local-sgd")
+SERVERS = read_when("parallel.mode", "ps-sync", "ps-async")
+ASYNC = read_when("parallel.mode", "ps-async")
+
+
+def built_in(name: str) -> ReadWhen:
+    """Read only by the built-in model `name` (model.factory builds the user's own instead)."""
+    words = f"model.name = {name!r} and no model.factory"
+    return ReadWhen(words, lambda c: c.model.name == name and not c.model.factory, ("model.name", "model.factory"),
+                    (name,))  # fmt: skip
 
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     """Which network, and the sizes of its layers (input and output sizes come from the data)."""
 
-    name: str = "mlp"
-    hidden: list[int] = numbers(lambda: [128], POSITIVE)  # mlp
-    channels: list[int] = numbers(lambda: [32, 64], POSITIVE)  # cnn
-    fc: int = number(128, POSITIVE)  # cnn
-    cell: str = "lstm"  # rnn: lstm | gru
-    rnn_hidden: int = number(64, POSITIVE)
-    rnn_layers: int = number(1, POSITIVE)
+    name: str = setting("mlp", ReadWhen("no model.factory", lambda c: not c.model.factory, ("model.factory",)))
+    hidden: list[int] = numbers(lambda: [128], POSITIVE, built_in("mlp"))
+    channels: list[int] = numbers(lambda: [32, 64], POSITIVE, built_in("cnn"))
+    fc: int = number(128, POSITIVE, built_in("cnn"))
+    cell: str = setting("lstm", built_in("rnn"))  # lstm | gru
+    rnn_hidden: int = number(64, POSITIVE, built_in("rnn"))
+    rnn_layers: int = number(1, POSITIVE, built_in("rnn"))
     dtype: str = "float32"  # parameters of the built-in models, and the features fed to any model
     factory: str = ""  # "package.module:function" building your own model (see hpcdl.models.from_factory)
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the factory
@@ -145,6 +193,9 @@ class ModelConfig:
         _choice("model.dtype", self.dtype, DTYPES)
 
 
+STEP_SCHEDULE = read_when("train.schedule", "step")
+
+
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
     """The optimisation: epochs, the global batch (over all ranks), optimizer and seed."""
@@ -154,7 +205,7 @@ class TrainConfig:
     lr: float = number(0.01, ABOVE_ZERO)
     optimizer: str = "sgd"  # sgd | adam | adamw
     # No upper bound: torch's SGD takes momentum >= 1 (and diverges), so refusing it here would be a guess.
-    momentum: float = number(0.9, NON_NEGATIVE)  # sgd
+    momentum: float = number(0.9, NON_NEGATIVE, read_when("train.optimizer", "sgd"))
     weight_decay: float = number(0.0, NON_NEGATIVE)
     seed: int = number(0, SEEDS)
     max_steps: int = number(0, NON_NEGATIVE)  # stop after this many steps in total; 0 = run all epochs
@@ -163,8 +214,8 @@ class TrainConfig:
     loss: str = ""
     schedule: str = "constant"  # constant | cosine | step | onecycle: the learning rate over optimizer steps
     lr_warmup_steps: int = number(0, NON_NEGATIVE)  # optimizer steps of linear warm-up from 0 to lr
-    lr_step_every: int = number(0, NON_NEGATIVE)  # schedule "step": steps between decays; 0 = a third of the run
-    lr_gamma: float = number(0.1, ABOVE_ZERO)  # schedule "step": the factor of each decay
+    lr_step_every: int = number(0, NON_NEGATIVE, STEP_SCHEDULE)  # steps between decays; 0 = a third of the run
+    lr_gamma: float = number(0.1, ABOVE_ZERO, STEP_SCHEDULE)  # the factor of each decay
     clip_grad_norm: float = number(0.0, NON_NEGATIVE)  # clip the whole model's gradient to this L2 norm; 0 = off
     precision: str = "fp32"  # fp32 | bf16 | fp16: the forward under torch.autocast; weights stay in model.dtype
     device: str = "auto"  # auto (a GPU when one is visible) | cpu | cuda: each rank on its node-local GPU
@@ -231,25 +282,26 @@ class ParallelConfig:
     # data | pipeline | tensor | columns (mlp: each rank reads its feature columns) | local-sgd | ps-sync | ps-async
     # | zero (sharded data parallel)
     mode: str = "data"
-    bucket_mb: float = number(25.0, ABOVE_ZERO)  # gradient bucket size: one Iallreduce per bucket
-    overlap: bool = True  # start each bucket's Allreduce during backward
-    compression: str = "none"  # none | fp16 | bf16: gradients' type on the wire
+    bucket_mb: float = number(25.0, ABOVE_ZERO, BUCKETED)  # gradient bucket size: one Iallreduce per bucket
+    overlap: bool = setting(True, OVERLAPPED)  # start each bucket's Allreduce during backward
+    compression: str = setting("none", COMPRESSED)  # none | fp16 | bf16: gradients' type on the wire
     accumulate_steps: int = number(1, POSITIVE)  # global batches per optimizer step (communicate on the last)
-    stages: int = number(1, POSITIVE)  # pipeline: ranks the model's layers are cut over
-    micro_batches: int = number(1, POSITIVE)  # pipeline: micro-batches per global batch
-    schedule: str = "1f1b"  # pipeline: gpipe | 1f1b
-    balance: str = "params"  # pipeline: params | time (measured per layer), unless cuts are named
-    # pipeline: layer indices where stages 2..S begin (checked against the model's layers by parallel.layout)
-    cuts: list[int] = field(default_factory=list)
-    replicas: int = number(1, POSITIVE)  # pipeline/tensor: data-parallel copies; world = replicas x stages/tensor
-    tensor: int = number(1, POSITIVE)  # tensor: ranks each MLP layer pair is split over
-    local_steps: int = number(4, POSITIVE)  # local-sgd: optimizer steps each rank takes alone between averages
-    post_local_steps: int = number(0, NON_NEGATIVE)  # local-sgd: data-parallel steps before local SGD begins
-    average_optimizer: bool = False  # local-sgd: average the optimizer state (momentum, moments) with the weights
-    servers: int = number(1, POSITIVE)  # ps-sync/ps-async: the first ranks, holding the parameters
-    max_staleness: int = number(4, NON_NEGATIVE)  # ps-async: updates a worker's parameters may lag the servers'
-    deterministic: bool = False  # ps-async: servers apply gradients in worker order, not as they arrive
-    zero_stage: int = number(2, Range(1, high=3))  # zero: 1 splits the optimizer state, 2 also the summed gradients
+    stages: int = number(1, POSITIVE, PIPELINE)  # ranks the model's layers are cut over
+    micro_batches: int = number(1, POSITIVE, PIPELINE)  # micro-batches per global batch
+    schedule: str = setting("1f1b", PIPELINE)  # gpipe | 1f1b
+    balance: str = setting("params", PIPELINE)  # params | time (measured per layer), unless cuts are named
+    # layer indices where stages 2..S begin (checked against the model's layers by parallel.layout)
+    cuts: list[int] = setting([], PIPELINE)
+    replicas: int = number(1, POSITIVE, REPLICATED)  # data-parallel copies; world = replicas x stages/tensor
+    tensor: int = number(1, POSITIVE, read_when("parallel.mode", "tensor"))  # ranks each MLP layer pair is split over
+    local_steps: int = number(4, POSITIVE, LOCAL_SGD)  # optimizer steps each rank takes alone between averages
+    post_local_steps: int = number(0, NON_NEGATIVE, LOCAL_SGD)  # data-parallel steps before local SGD begins
+    average_optimizer: bool = setting(False, LOCAL_SGD)  # average the optimizer state (momentum, moments) too
+    servers: int = number(1, POSITIVE, SERVERS)  # the first ranks, holding the parameters
+    max_staleness: int = number(4, NON_NEGATIVE, ASYNC)  # updates a worker's parameters may lag the servers'
+    deterministic: bool = setting(False, ASYNC)  # servers apply gradients in worker order, not as they arrive
+    # 1 splits the optimizer state, 2 also the summed gradients
+    zero_stage: int = number(2, Range(1, high=3), read_when("parallel.mode", "zero"))
 
     def check(self) -> None:
         _choice("parallel.mode", self.mode, MODES)
@@ -263,14 +315,18 @@ class ParallelConfig:
 ONLINE_TEACHER_MODES = ("data", "zero", "local-sgd", "ps-sync", "ps-async", "pipeline", "tensor")
 
 
+DISTILLING = ReadWhen("distill.teacher or distill.logits is given", lambda c: c.distill.enabled,
+                      ("distill.teacher", "distill.logits"))  # fmt: skip
+
+
 @dataclass(kw_only=True, slots=True)
 class DistillConfig:
     """Knowledge distillation (hpcdl.distill): on when `teacher` (online) or `logits` (precomputed) is given."""
 
     teacher: str = ""  # a trained run's folder (its newest valid checkpoint) or a checkpoint; "" = off
-    temperature: float = number(2.0, ABOVE_ZERO)  # T: both softmaxes at T, the KL term times T^2
-    alpha: float = 0.5  # weight of the KL term; 1 - alpha weighs the hard-label cross-entropy
-    source: str = "online"  # online: the teacher scores each batch | precomputed: logits read with the data
+    temperature: float = number(2.0, ABOVE_ZERO, DISTILLING)  # T: both softmaxes at T, the KL term times T^2
+    alpha: float = setting(0.5, DISTILLING)  # weight of the KL term; 1 - alpha weighs the hard-label cross-entropy
+    source: str = setting("online", DISTILLING)  # online: the teacher scores each batch | precomputed: logits read
     logits: str = ""  # precomputed: `hpcdl infer --split train --outputs logits` of the teacher
 
     @property
@@ -287,18 +343,28 @@ class DistillConfig:
             _need(bool(self.logits), "distill.logits", "must name the teacher's logits file (source 'precomputed')")
 
 
+PRUNING = ReadWhen("prune.final_sparsity > 0", lambda c: c.prune.final_sparsity > 0, ("prune.final_sparsity",))
+
+
 @dataclass(kw_only=True, slots=True)
 class PruneConfig:
     """Gradual magnitude pruning during training (hpcdl.compress.prune): one global threshold over the model's
-    Linear/Conv weights, sparsity ramped cubically from 0 at `start` to `final_sparsity` at `end` (steps)."""
+    Linear/Conv weights, sparsity ramped cubically from 0 at `start` to `final_sparsity` at `end` (steps).
+    "auto" start and end span hpcdl.compress.prune.AUTO_RAMP of the run's steps (the run says which); start = end
+    = 0 prunes at once and keeps the zeros (what `hpcdl prune` writes for fine-tuning)."""
 
     final_sparsity: float = number(0.0, Range(0, high=1, note="(0 turns pruning off)"))
-    start: int = number(0, NON_NEGATIVE)  # the step of the ramp's first update (sparsity 0 there)
-    end: int = number(0, NON_NEGATIVE)  # the step it reaches final_sparsity; masks are kept from then on
-    every: int = number(100, POSITIVE)  # steps between mask updates on the ramp
+    start: int | str = setting("auto", PRUNING)  # the step of the ramp's first update (sparsity 0 there)
+    end: int | str = setting("auto", PRUNING)  # the step it reaches final_sparsity; masks are kept from then on
+    every: int = number(0, Range(0, note="(0: a tenth of the ramp)"), PRUNING)  # steps between mask updates
 
     def check(self) -> None:
-        _need(self.end >= self.start, "prune.end", f"must be >= prune.start = {self.start}, got {self.end}")
+        for key in ("start", "end"):
+            value = getattr(self, key)
+            if value != "auto":
+                check_number(f"config: prune.{key}", value, Range(0, note="(or 'auto')"), integer=True)
+        if self.final_sparsity > 0 and "auto" not in (self.start, self.end):  # else the ramp is not read
+            _need(self.end >= self.start, "prune.end", f"must be >= prune.start = {self.start}, got {self.end}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -315,6 +381,9 @@ class Config:
     source: str = ""  # where it came from (file or named config), for logs and checkpoints
     folder: str = ""  # the config file's folder: where model.factory's module is also looked for
     notes: list[str] = field(default_factory=list)  # said once at start (e.g. a deprecated key)
+    # Keys a named config (shipped with hpcdl) set and the user did not: where nothing reads one, it is dropped with
+    # a note instead of refused (a factory on digits-mlp need not undo its model.hidden).
+    inherited: set[tuple[str, str]] = field(default_factory=set)
 
     def check(self) -> Config:
         """Validate every section; raise ConfigError naming the first bad key."""
@@ -340,12 +409,30 @@ class Config:
         pruned = self.prune.final_sparsity > 0 and self.parallel.mode in ("local-sgd", "ps-sync", "ps-async")
         _need(not pruned, "prune.final_sparsity", f"> 0 needs parallel.mode data, pipeline, tensor, columns or zero, "
               f"not {self.parallel.mode!r} (its ranks' weights differ between syncs)")  # fmt: skip
+        self._check_read()
         mode = self.parallel.mode
         online = self.distill.enabled and self.distill.source == "online"
         _need(not online or mode in ONLINE_TEACHER_MODES, "distill.source",
               f"= 'online' needs the whole samples, but parallel.mode {mode!r} gives each rank only its feature "
               "columns: precompute the teacher's logits (distill.source = 'precomputed')")  # fmt: skip
         return self
+
+    def _check_read(self) -> None:
+        """Refuse a key set away from its default where nothing reads it (e.g. parallel.stages in mode 'data')."""
+        for section in SECTIONS:
+            values = getattr(self, section)
+            for spec in dataclasses.fields(values):
+                read = spec.metadata.get("read_when")
+                value = getattr(values, spec.name)
+                if read is None or read.holds(self) or value == _default(spec):
+                    continue
+                unread = f"{section}.{spec.name} = {value!r} takes effect only with {read.words}"
+                if (section, spec.name) in self.inherited:
+                    setattr(values, spec.name, _default(spec))
+                    self.notes.append(f"{unread}: the named config {self.source}'s value is left out")
+                    continue
+                now = ", ".join(f"{key} = {_value(self, key)!r}" for key in read.settings)
+                raise ConfigError(f"config: {unread} (here {now}): remove it, or set {read.settings[0]}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, as TOML would hold it (for logs and checkpoints); [distill] only when on."""
@@ -378,6 +465,15 @@ def _check_numbers(section: str, values: Any) -> None:
                 check_number(f"{key}[{index}]", item, limits, integer)
         else:
             check_number(key, value, limits, integer)
+
+
+def _value(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _default(spec: dataclasses.Field) -> Any:
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
 
 
 def _finite(value: Any) -> bool:
@@ -424,8 +520,11 @@ def _section_from(name: str, cls: type, table: Any) -> Any:
     return cls(**values)
 
 
-def from_dict(tree: dict[str, Any], source: str = "", folder: str = "") -> Config:
-    """Build and validate a Config from a nested dict; unknown sections and keys are errors."""
+def from_dict(
+    tree: dict[str, Any], source: str = "", folder: str = "", inherited: set[tuple[str, str]] | None = None
+) -> Config:
+    """Build and validate a Config from a nested dict; unknown sections and keys are errors. `inherited`: the keys
+    a named config set (not the user), which are dropped with a note where nothing reads them."""
     for name in tree:
         if name not in SECTIONS:
             raise ConfigError(f"config: unknown section [{name}] (known: {', '.join(SECTIONS)})")
@@ -438,7 +537,7 @@ def from_dict(tree: dict[str, Any], source: str = "", folder: str = "") -> Confi
             notes.append(f"{section}.{old} is now {section}.{new} (the old name still works)")
     hints = get_type_hints(Config)
     sections = {name: _section_from(name, hints[name], tree.get(name, {})) for name in SECTIONS}
-    return Config(**sections, source=source, folder=folder, notes=notes).check()
+    return Config(**sections, source=source, folder=folder, notes=notes, inherited=inherited or set()).check()
 
 
 def named_configs() -> list[str]:
@@ -452,7 +551,13 @@ def _read_toml(name_or_path: str) -> tuple[dict[str, Any], str]:
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise ConfigError(f"config: file {name_or_path} does not exist")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config: {name_or_path} is not a text file (byte {exc.start} is not UTF-8): "
+                              "--config takes a TOML file or a named config") from None  # fmt: skip
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read {name_or_path}: {exc.strerror or exc}") from None
     elif name_or_path in named_configs():
         text = (resources.files("hpcdl") / "configs" / f"{name_or_path}.toml").read_text()
     else:
@@ -481,12 +586,15 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
 def load(name_or_path: str, overrides: list[str] | None = None) -> Config:
     """Read a named config or TOML file, apply --set overrides, and validate."""
     tree, source = _read_toml(name_or_path)
+    named = not Path(source).is_file()  # a config shipped inside the package
+    inherited = {(s, k) for s, table in tree.items() if isinstance(table, dict) for k in table} if named else set()
     for assignment in overrides or []:
         (section, key), value = parse_override(assignment)
+        inherited.discard((section, key))
         tree.setdefault(section, {})
         if not isinstance(tree[section], dict):
             raise ConfigError(f"config: [{section}] must be a table")
         tree[section][key] = value
     # A named config has no folder of its own: its factory is looked for on sys.path only.
     folder = str(Path(source).resolve().parent) if Path(source).is_file() else ""
-    return from_dict(tree, source, folder)
+    return from_dict(tree, source, folder, inherited)

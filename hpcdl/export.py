@@ -3,8 +3,10 @@
 `.safetensors` follows the format's specification, written here (the safetensors package is not a dependency):
 8 bytes, the header's length N as a little-endian uint64; N bytes of JSON, {name: {"dtype": "F32", "shape": [..],
 "data_offsets": [begin, end]}, ..., "__metadata__": {str: str}}, padded with spaces to a multiple of 8; then every
-tensor's raw little-endian bytes, row-major, at its offsets counted from the end of the header. Any other suffix
-gets a weights-only `torch.save` of the state dict: `model.load_state_dict(torch.load(path, weights_only=True))`.
+tensor's raw little-endian bytes, row-major, at its offsets counted from the end of the header. `.pt` and `.pth`
+get a weights-only `torch.save` of the state dict: `model.load_state_dict(torch.load(path, weights_only=True))`.
+Any other suffix is refused before anything is loaded: a file named for a format this does not write (`.onnx`)
+would mislead whoever opens it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from hpcdl import checkpoint
+from hpcdl import checkpoint, outputs
 from hpcdl.errors import HpcdlError
 
 SAFETENSORS_DTYPES = {
@@ -33,6 +35,9 @@ SAFETENSORS_DTYPES = {
 }
 TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 HEADER_LENGTH = struct.Struct("<Q")
+SAFETENSORS = ".safetensors"
+WRITERS = (SAFETENSORS, ".pt", ".pth")  # the suffixes `export` writes, said by WRITTEN
+WRITTEN = ".safetensors (the safetensors format) or .pt / .pth (a weights-only torch state dict)"
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -79,24 +84,34 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, metadata
 
 
-def export(target: str, out: str | Path) -> tuple[Path, int]:
-    """Write the model weights of a checkpoint (or a run folder's newest valid one) to `out`; (path, tensors)."""
+def check_out(out: Path, overwrite: bool) -> None:
+    """`out` names a format this writes and a place it can write (no file there unless `overwrite`)."""
+    if out.suffix not in WRITERS:
+        found = f"not {out.suffix}" if out.suffix else "and this name has no suffix"
+        raise HpcdlError(f"--out {out}: export writes {WRITTEN}, {found}; end the file's name with one of these")
+    outputs.check_new_file("--out", out, overwrite)
+
+
+def export(target: str, out: str | Path, overwrite: bool = False) -> tuple[Path, int]:
+    """Write the model weights of a checkpoint (or a run folder's newest valid one) to `out`; (path, tensors).
+
+    `out` is checked before anything is loaded; an existing one is replaced (atomically) only with `overwrite`.
+    """
+    out = Path(out)
+    check_out(out, overwrite)
     notes: list[str] = []
     path = checkpoint.locate(target, notes)
     for note in notes:
         print(f"hpcdl: {note}")
     state = checkpoint.load(path)
     weights = {name: tensor for name, tensor in state["model"].items() if torch.is_tensor(tensor)}
-    out = Path(out)
-    if out.suffix == ".safetensors":
+    if out.suffix == SAFETENSORS:
         about = {"format": "pt", "checkpoint": str(path), "config": json.dumps(state.get("config", {}))}
         data = safetensors_bytes(weights, about)
     else:
         buffer = io.BytesIO()
         torch.save(weights, buffer)
         data = buffer.getvalue()
-    if not out.parent.is_dir():
-        raise HpcdlError(f"--out {out}: folder {out.parent} does not exist or is not a folder")
     try:
         checkpoint.write_atomically(out, data)
     except OSError as exc:

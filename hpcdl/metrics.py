@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import os
 import resource
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -149,7 +151,7 @@ class TensorBoardLog:
     """Records as TensorBoard scalars, written by rank 0 (`run.tensorboard`; the `tensorboard` extra)."""
 
     def __init__(self, folder: Path | None):
-        self.writer = None
+        self.writer, self.folder = None, folder
         if folder is not None:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package: checked at start
 
@@ -159,15 +161,34 @@ class TensorBoardLog:
         """Every number of `record` (but its position) as scalar `group/name` at `step`."""
         if self.writer is None:
             return
-        for name, value in record.items():
-            if name not in ("step", "epoch") and isinstance(value, int | float) and not isinstance(value, bool):
-                self.writer.add_scalar(f"{group}/{name}", value, step)
-        self.writer.flush()
+        try:
+            if not self.folder.is_dir():  # checked here: the writer's own thread would end in a traceback
+                raise NotADirectoryError(errno.ENOTDIR, "no longer a folder")
+            for name, value in record.items():
+                if name not in ("step", "epoch") and isinstance(value, int | float) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{group}/{name}", value, step)
+            self.writer.flush()
+        except OSError as exc:
+            self._stop(exc)
+
+    def _stop(self, exc: OSError) -> None:
+        """The event file cannot be written (its folder removed, replaced, full): the run goes on without it, said once;
+        TensorBoard is a view of the records, which metrics.jsonl still holds."""
+        print(f"hpcdl: warning: TensorBoard events in {self.folder} stopped ({exc.strerror or exc}); "
+              "metrics.jsonl and metrics.csv go on", file=sys.stderr, flush=True)  # fmt: skip
+        writer, self.writer = self.writer, None
+        try:
+            writer.close()
+        except OSError:
+            pass  # the same failure again: said above
 
     def close(self) -> None:
         """Flush and close the event file."""
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as exc:
+                self._stop(exc)
 
 
 def check_tensorboard() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcdl.errors import DataError, HpcdlError
+from hpcdl.outputs import check_new_file
 
 # Per-epoch metrics, each logged for training and as val_<name>: classification logs acc, regression the rest.
 EPOCH_METRICS = ("acc", "rmse", "mae", "r2")
@@ -115,8 +116,9 @@ def _writable(out: Path) -> None:
         raise HpcdlError(f"{out}: folder not writable: choose another with --out")
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
-    """Write loss.png, metrics.png and lr.png (those with data) of a run folder into `out` (default: the run's)."""
+def plot_run(run_dir: str | Path, out: str | Path | None = None, overwrite: bool = False) -> list[Path]:
+    """Write loss.png, metrics.png and lr.png (those with data) of a run folder into `out` (default: the run's);
+    a PNG already there is replaced only with `overwrite`."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         problem = "not a folder" if run_dir.exists() else "no such folder"
@@ -134,6 +136,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     except ImportError:
         raise HpcdlError("hpcdl plot needs matplotlib: pip install 'hpcdl[plots]'") from None
     target = Path(out) if out is not None else run_dir
+    for name in shown:
+        check_new_file("--out", target / name, overwrite, make_parents=True)
     _writable(target)
     written = []
     for name, panels in shown.items():

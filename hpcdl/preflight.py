@@ -9,13 +9,14 @@ checkpoint). Nothing is written until every check has passed on every rank.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hpcdl import checkpoint, distill, rundir
+from hpcdl import checkpoint, distill, outputs, rundir
 from hpcdl.comm import World
 from hpcdl.config import Config
 from hpcdl.data.chunked import block_rows_of
@@ -83,6 +84,7 @@ class Setup:
     objective: Objective = CLASSIFICATION  # the data's task and the loss (train.loss, or hpcdl.fit's loss_fn)
     device: torch.device = CPU  # where this rank computes (train.device)
     weights: dict[str, torch.Tensor] | None = None  # the unsplit model to start from: a resume's or train.init's
+    created: list[Path] = field(default_factory=list)  # rank 0: the folders claiming the run folder made
 
 
 def prepare(
@@ -96,6 +98,8 @@ def prepare(
     info = world.agree(lambda: validate(cfg.data.path, scan=cfg.data.scan) if world.is_root else None)
     info = world.comm.bcast(info, root=0)
     notes: list[str] = [*cfg.notes, *info.warnings]  # deprecated keys, data warnings, ...: said aloud below
+    if cfg.data.scan:  # what the scan found is said too: a check that passed in silence cannot be told from none
+        notes.append(f"data.scan: no NaN or Inf in the features of {', '.join(f'/{s}' for s in info.sizes)}")
 
     def build_rank_parts() -> Setup:
         layout = Layout.from_config(cfg, world.size)
@@ -274,13 +278,15 @@ def plan_run_folder(cfg: Config, setup: Setup, overwrite: bool, auto: bool, note
     """Rank 0: is the run folder free, and may a fresh run start in it (`auto`: --resume auto found nothing)."""
     run_dir = Path(cfg.run.dir)
     # The nearest path that exists: run.dir itself, or the folder it will be created in (or a file in the way).
-    nearest = next(path for path in (run_dir, *run_dir.parents) if path.exists())
+    nearest = outputs.nearest_existing(run_dir)
     if not nearest.is_dir():
         inside = "" if nearest == run_dir else f" lies inside {nearest}, which"
         raise HpcdlError(f"run.dir {run_dir}{inside} is a file, not a folder; choose another run.dir")
-    folder = checkpoint.checkpoint_dir(run_dir)
-    if folder.exists() and not folder.is_dir():
-        raise HpcdlError(f"{folder} is a file, not a folder: checkpoints cannot be written; remove or rename it")
+    folders = [(checkpoint.checkpoint_dir(run_dir), "checkpoints")]
+    folders += [(run_dir / "tensorboard", "TensorBoard events")] if cfg.run.tensorboard else []
+    for folder, what in folders:
+        if folder.exists() and not folder.is_dir():
+            raise HpcdlError(f"{folder} is a file, not a folder: {what} cannot be written; remove or rename it")
     rundir.check_free(run_dir)
     if setup.resume_state is None:
         setup.move_aside = rundir.check_fresh_start(run_dir, overwrite, auto)
@@ -345,6 +351,7 @@ def claim_run_folder(cfg: Config, setup: Setup) -> rundir.RunLock:
     if setup.move_aside:
         rundir.move_aside(run_dir, setup.move_aside)
     created = [path for path in (run_dir, *run_dir.parents) if not path.exists()]  # what mkdir makes, deepest first
+    setup.created = created
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = rundir.RunLock(run_dir)
@@ -360,6 +367,44 @@ def claim_run_folder(cfg: Config, setup: Setup) -> rundir.RunLock:
     except HpcdlError:
         _remove_new_folders(run_dir, created)
         raise
+
+
+def undo_fresh_run(cfg: Config, setup: Setup) -> None:
+    """Rank 0, after a fresh run failed before its first checkpoint: the run folder as it was before it (nothing
+    partial, and the corrected rerun is not refused); an old run that --overwrite moved aside is moved back.
+    A run with a checkpoint stays: `--resume auto` continues it."""
+    run_dir = Path(cfg.run.dir)
+    if setup.resume_state is not None or checkpoint.list_checkpoints(run_dir) or _has_epoch_records(run_dir):
+        return
+    folder = checkpoint.checkpoint_dir(run_dir)
+    for path in (
+        *(run_dir / name for name in rundir.RUN_OUTPUTS),
+        folder / checkpoint.MANIFEST,
+        run_dir / rundir.CONFIG,
+    ):
+        _remove(path)
+    _remove_new_folders(run_dir, setup.created)
+    if not setup.created:  # the folder was there: only what this run wrote goes, its lock file last
+        for path in (folder, run_dir / rundir.LOCK):
+            _remove(path)
+    if setup.move_aside and not run_dir.exists():
+        rundir.move_aside(setup.move_aside, run_dir)
+
+
+def _has_epoch_records(run_dir: Path) -> bool:
+    """Whether the run logged a whole epoch: its records are worth keeping (`--resume auto` moves them aside)."""
+    try:
+        return '"event": "epoch"' in (run_dir / "metrics.jsonl").read_text()
+    except OSError:
+        return False
+
+
+def _remove(path: Path) -> None:
+    """A file or a folder with what it holds; best effort (the failure being cleaned up is the one to report)."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def check_writable(run_dir: Path) -> None:

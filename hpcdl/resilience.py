@@ -39,6 +39,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.received = 0  # the first stop signal's number, 0 if none
         self.saved = False  # the stop's checkpoint is written: a second signal still means "requeue me"
+        self.saved_line = ""  # said by a second signal after the save (rank 0's "stopped by ...; checkpoint ...")
         self.previous: dict[int, object] = {}
         self.previous_wakeup = -1
         self.write_fd = -1
@@ -68,8 +69,14 @@ class StopSignals:
                 if seen > 1:
                     name = signal.Signals(signum).name
                     print(f"hpcdl: second stop signal ({name}): ending at once", file=sys.stderr, flush=True)
+                    if self.saved and self.saved_line:
+                        print(self.saved_line, flush=True)
                     os._exit(EXIT_REQUEUE if self.saved else 128 + signum)
         os.close(read_fd)
+
+    def checkpointed(self, line: str) -> None:
+        """The stop's checkpoint is on disk: from now a second signal says `line` (if any) and exits 75."""
+        self.saved_line, self.saved = line, True
 
     def uninstall(self) -> None:
         """Give back the handlers and wakeup fd found at install; call it once the run's last checkpoint is written.

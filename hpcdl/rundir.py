@@ -7,6 +7,8 @@ resume says what changed since the run began.
 - **Fresh start.** A folder that already holds a run (checkpoints, or the logs of one killed before
   its first checkpoint) is refused unless the run resumes (`--resume auto`) or `--overwrite` moves
   the old run aside (never deletes it); `--resume auto` over logs alone moves them aside too.
+  The temporary file of a write an ended run left unfinished (`.NAME.partial`) is no run: the next
+  run that claims the folder removes it.
 - **Config.** The resolved config is written as `config.toml` at start; on resume it is compared:
   changes that keep the saved position meaningful are allowed and said, others are refused.
 """
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpcdl.checkpoint import checkpoint_dir, list_checkpoints
+from hpcdl.checkpoint import BEST, checkpoint_dir, list_checkpoints
 from hpcdl.errors import HpcdlError
 
 LOCK = ".lock"
@@ -55,7 +57,11 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self, record: bool = True) -> None:
-        """Take the lock, or raise HpcdlError naming the run that holds it; `record` writes this run as the holder."""
+        """Take the lock, or raise HpcdlError naming the run that holds it.
+
+        `record`: this run claims the folder: it is written as the holder, and the temporary files an ended run's
+        interrupted writes left there are removed (the lock proves that no live run is writing them).
+        """
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -66,11 +72,16 @@ class RunLock:
                 f"run.dir {self.path.parent} is in use by another run ({holder}); wait for it to end, "
                 "or choose another run.dir"
             ) from None
+        self.fd = fd
         if record:
             holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps(holder).encode())
-        self.fd = fd
+            try:
+                remove_stale_partials(self.path.parent)
+            except HpcdlError:
+                self.release()
+                raise
 
     def release(self) -> None:
         """Give the lock back (the kernel does it anyway when the process ends)."""
@@ -101,35 +112,55 @@ def check_fresh_start(run_dir: Path, overwrite: bool, auto: bool = False) -> Pat
     """A fresh start may not bury a run (its checkpoints, or its logs: a new run would append to them): refuse
     the folder, or (`overwrite`) say where the old run moves.
 
-    `auto` (--resume auto found no checkpoint): logs without checkpoints are an earlier start that ended
-    before its first checkpoint; a requeued job must start over, so they move aside as with `overwrite`.
+    `auto` (--resume auto found no checkpoint): what the folder holds is an earlier start that ended before its
+    first checkpoint (logs, a best.pt); a requeued job must start over, so it moves aside as with `overwrite`.
+    Temporary files of an ended run's interrupted writes (`.NAME.partial`) are no run: the next run removes them.
     Returns the folder the old run will be moved to, or None when there is nothing to move.
     """
     run_dir = Path(run_dir)
     found = list_checkpoints(run_dir)
-    folder = checkpoint_dir(run_dir)
-    saved = bool(found) or (folder.is_dir() and any(folder.iterdir()))
+    saved = [path.name for path in found] + ([BEST] if (checkpoint_dir(run_dir) / BEST).exists() else [])
     logs = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     if not saved and not logs:
         return None
-    if saved and not overwrite:
-        newest = found[-1].name if found else "none valid"
+    if overwrite or auto:
+        return aside_name(run_dir)
+    if found:
         raise HpcdlError(
-            f"run.dir {run_dir} already holds a run ({len(found)} checkpoint(s), newest {newest}); "
+            f"run.dir {run_dir} already holds a run ({len(found)} checkpoint(s), newest {found[-1].name}); "
             "continue it with --resume auto, choose a new run.dir, or pass --overwrite to move it aside"
         )
-    if not (overwrite or auto):
-        raise HpcdlError(
-            f"run.dir {run_dir} already holds a run that ended before its first checkpoint ({', '.join(logs)}); "
-            "a new run would append to its logs: choose a new run.dir, or pass --overwrite (or --resume auto) "
-            "to move it aside and start over"
-        )
-    return run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    raise HpcdlError(
+        f"run.dir {run_dir} already holds a run that ended before its first checkpoint ({', '.join(saved + logs)}); "
+        "a new run would append to its logs: choose a new run.dir, or pass --overwrite (or --resume auto) "
+        "to move it aside and start over"
+    )
+
+
+def aside_name(folder: Path) -> Path:
+    """Where `move_aside` puts a folder that a new one replaces: beside it, named for the time."""
+    return folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def move_aside(run_dir: Path, target: Path) -> None:
-    """Rename the old run's folder to `target` (nothing is deleted)."""
+    """Rename the old run's folder to `target` (nothing is deleted but its stale temporary files)."""
+    check_free(run_dir)  # no live run writes there: its unfinished writes are garbage, not kept
+    remove_stale_partials(run_dir)
     shutil.move(str(run_dir), str(target))
+
+
+def remove_stale_partials(run_dir: Path) -> None:
+    """Delete the temporary files of writes that an ended run left unfinished (`.NAME.partial`, in the run folder and
+    its checkpoints): they hold nothing usable and may be as large as a checkpoint. Call only once the folder's
+    lock shows that no live run writes there."""
+    for folder in (Path(run_dir), checkpoint_dir(run_dir)):
+        for path in folder.glob(".*.partial") if folder.is_dir() else ():
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise HpcdlError(
+                    f"cannot remove {path}, left by an interrupted write: {exc.strerror or exc}; remove it"
+                ) from None
 
 
 def write_config(run_dir: Path, tree: dict[str, dict[str, Any]]) -> None:

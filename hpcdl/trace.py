@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpcdl import outputs
 from hpcdl.comm import World
 from hpcdl.errors import HpcdlError
 
@@ -59,14 +60,9 @@ def stop() -> Tracer | None:
     return tracer
 
 
-def check_path(path: str | Path) -> None:
-    """Fail early (before training) if the trace file could not be written."""
-    path = Path(path)
-    if path.is_dir():
-        raise HpcdlError(f"--trace {path}: is a folder; give a file name, e.g. {path / 'trace.json'}")
-    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise HpcdlError(f"--trace {path}: cannot create it under {parent}")
+def check_path(path: str | Path, overwrite: bool = False) -> None:
+    """Fail early (before training) if the trace file could not be written, or exists (unless `overwrite`)."""
+    outputs.check_new_file("--trace", path, overwrite, make_parents=True)
 
 
 def record(name: str, start_s: float, duration_s: float, tid: int = MAIN_TID) -> None:
@@ -137,6 +133,11 @@ def finish(world: World, path: str | Path) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
-    tmp.replace(path)  # a reader never sees half a trace
+    try:
+        tmp.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+        tmp.replace(path)  # a reader never sees half a trace
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        why = exc.strerror or exc
+        raise HpcdlError(f"--trace {path}: cannot write it ({why}); the run itself is complete") from None
     return sum(e["ph"] == "X" for e in events)

@@ -29,7 +29,7 @@ from hpcdl.parallel import make_strategy
 from hpcdl.parallel.loss import LossFn, Objective
 from hpcdl.parallel.strategy import StepResult, Strategy
 from hpcdl.precision import LossScaler
-from hpcdl.preflight import RunState, Setup, dataset_identity, make_loaders, prepare
+from hpcdl.preflight import RunState, Setup, dataset_identity, make_loaders, prepare, undo_fresh_run
 from hpcdl.progress import Progress
 from hpcdl.resilience import StepGuard, Verdict
 from hpcdl.schedule import make_scheduler
@@ -114,6 +114,10 @@ def train(
     setup = prepare(cfg, world, resume, model, overwrite, parts.loss_fn)
     try:
         return run(cfg, world, setup, faults, parts)
+    except (Exception, SystemExit) as exc:  # an agreed failure exits; a contained trial's folder is the sweep's
+        if world.is_root and not isinstance(exc, TrialFailed):
+            undo_fresh_run(cfg, setup)
+        raise
     finally:
         if setup.lock is not None:
             setup.lock.release()
@@ -131,7 +135,6 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts:
     optimizer = parts.optimizer(strategy.params) if parts.optimizer else build_optimizer(cfg.train, strategy.params)
     scheduler = build_scheduler(cfg, parts, optimizer, steps_per_epoch)
     restore(strategy, optimizer, scheduler, saved, cfg.parallel.accumulate_steps)
-    pruner = Pruner.for_run(cfg.prune, strategy, setup.position.global_step)  # [prune]: masks kept after each step
     state, dataset = setup.position, dataset_identity(setup.info)
     best = BestEpoch.from_config(cfg.run, saved and saved.get("best"))
     scaler = LossScaler.for_precision(cfg.train.precision, saved and saved.get("loss_scale"))
@@ -142,8 +145,14 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts:
 
     clock = StepClock(cfg.run.timing_skip_steps)
     last_step = cfg.train.max_steps or state.global_step + state.steps_left(cfg.train.epochs, steps_per_epoch)
+    # [prune]: masks kept after each step; a ramp the run never reaches is refused on every rank.
+    pruner, ramp = world.agree(lambda: Pruner.for_run(cfg.prune, strategy, state.global_step, last_step))
+    if ramp:
+        world.log(ramp)
     if state.global_step >= last_step:
         return already_complete(cfg, world, state, log)
+    if world.is_root:  # an earlier leg's summary no longer describes the run: the new one is written at its end
+        (Path(cfg.run.dir) / "summary.json").unlink(missing_ok=True)
     began, history, stop_signal, stopped_early = time.perf_counter(), {}, None, False
     watchdog = Watchdog(world, cfg.run.watchdog_s, clock.timer)
     saving = Saving(cfg, world, strategy, optimizer, scheduler, state, dataset, best, scaler, watchdog, faults)
@@ -207,18 +216,21 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts:
         elapsed = time.perf_counter() - began
         steps_log.events.close()
         path = saving.save()
-        guard.signals.uninstall()  # after the last checkpoint: a late stop signal still exits 75
         if stop_signal:
-            world.log(
+            stopped = (
                 f"hpcdl: stopped by {stop_signal} at step {state.global_step}; checkpoint {path}; "
                 "resume with --resume auto"
             )
+            # The handlers stay: a further signal (Slurm and the launcher often both send one) says this, exits 75.
+            guard.signals.checkpointed(stopped if world.is_root else "")
+            world.log(stopped)
             log.write(event="stopped", signal=stop_signal, step=state.global_step, checkpoint=str(path))
             return {"stopped_by": stop_signal, "step": state.global_step, "checkpoint": str(path)}
+        guard.signals.uninstall()  # after the last checkpoint: a late stop signal still exits 75
         if stopped_early:
             best_figures = {"stopped_early": True, "best_epoch": best.best_epoch, f"best_{best.metric}": best.best}
             history = {**history, **best_figures}
-        history = {**history, **(pruner.summary() if pruner else {})}
+        history = {**history, **(pruner.summary() if pruner else {}), **train_loader.summary(world)}
         return finish(cfg, world, strategy, setup, state, clock, history, elapsed, log, watchdog)
     except TrialFailed:  # a contained group's trial failed on every rank: end this run's threads, go on
         steps_log.events.close()
@@ -513,6 +525,6 @@ def finish(
             **strategy.summary(),
         )  # fmt: skip
     log.write(event="summary", **summary)
-    if world.is_root:
-        (Path(cfg.run.dir) / "summary.json").write_text(strict_json(summary, indent=2) + "\n")
+    summary_file = Path(cfg.run.dir) / "summary.json"
+    world.agree(lambda: summary_file.write_text(strict_json(summary, indent=2) + "\n") if world.is_root else None)
     return summary

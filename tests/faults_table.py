@@ -52,9 +52,9 @@ CASES = [
     Case("every checkpoint corrupt", ("--resume", "auto"), "no valid checkpoint in", setup="all corrupt"),
     Case("checkpoint of another model", ("--resume", "auto"), "does not fit this model", setup="other model"),
     Case("manifest damaged", ("--resume", "auto"), "manifest.json is damaged", setup="bad manifest"),
-    # Data that fails its HDF5 checksum (fletcher32) when read.
-    # Read during the first step, after the run folder was claimed: not `clean`, but one line and every rank gone.
-    Case("corrupt data chunk", (), "cannot read /train rows", setup="corrupt chunk", clean=False),
+    # Data that fails its HDF5 checksum (fletcher32) when read: the first chunk is read before step 0 (the features'
+    # range), so the run stops before it claims its folder.
+    Case("corrupt data chunk", (), "cannot read '/train/x' rows", setup="corrupt chunk"),
     # Faults during training: every rank ends, with the cause.
     Case(
         "NaN loss, policy abort",
@@ -157,6 +157,10 @@ CONFIG_VALUES = [
     ("unknown key", "train.learning_rate=0.1", "unknown key 'train.learning_rate'"),
     ("unknown section", "optimiser.lr=0.1", "unknown section [optimiser]"),
     ("max_steps not a multiple", "train.max_steps=5", "train.max_steps must be a multiple"),
+    # A key nothing reads in this setting: refused, not ignored.
+    ("key of another mode", "parallel.local_steps=8", "parallel.local_steps = 8 takes effect only with parallel.mode"),
+    ("momentum with adam", "train.momentum=0.5", "train.momentum = 0.5 takes effect only with"),  # digits-mlp: adam
+    ("ramp without sparsity", "prune.start=5", "prune.start = 5 takes effect only with prune.final_sparsity > 0"),
 ]
 END_TO_END = ("lr zero", "unknown key", "max_steps not a multiple")
 
@@ -207,7 +211,7 @@ CASES += [
         "must name 1 layer indices",
     ),
     Case("tensor width", ("parallel.mode='tensor'", "parallel.tensor=2", "model.hidden=[15]"), "hidden width 15"),
-    Case("stages in data mode", ("parallel.stages=2",), "parallel.stages is only used with"),
+    Case("stages in data mode", ("parallel.stages=2",), "parallel.stages = 2 takes effect only with parallel.mode"),
     Case(  # the run's metrics depend on its loss: checked with the model, not at parse time
         "early stop unknown metric",
         ("run.early_stop={metric = 'f1'}",),
@@ -318,5 +322,23 @@ CASES += [
         setup="random checkpoint",
         clean=False,
     ),
-    Case("resume path is a folder", ("--resume", "{tmp}"), "no such checkpoint file", ranks=1),
+    Case("resume path is a folder", ("--resume", "{tmp}"), "no checkpoint in", ranks=1),
+    # Nothing accepted that does nothing, every output checked before the work, nothing partial after a failure.
+    Case("config file not text", ("--config", "{tmp}/conf.toml"), "is not a text file", ranks=1, setup="binary config"),
+    Case("trace cannot be created", ("--trace", "/proc/hpcdl.json"), "--trace /proc/hpcdl.json: cannot create a file"),
+    Case(
+        "trace file exists",
+        ("--trace", "{tmp}/conf.toml"),
+        "conf.toml already exists; pass --overwrite",
+        ranks=1,
+        setup="bad toml",
+    ),  # fmt: skip
+    Case(
+        "prune ramp after the run",
+        ("prune.final_sparsity=0.5", "prune.start=900", "prune.end=990"),
+        "prune.start = 900: the run ends at step",
+        ranks=1,
+    ),  # fmt: skip
+    # A fresh run that fails before its first checkpoint leaves no run folder: the corrected rerun just starts.
+    Case("NaN at the first step", ("--fault", "nan@0:1"), "non-finite loss at step 1 on rank 0"),
 ]

@@ -133,7 +133,7 @@ BAD_PLOTS = {
     ),
     "out not writable": (
         lambda tmp: [write_metrics(tmp / "run", EPOCH), "--out", tmp / "run" / "metrics.jsonl" / "plots"],
-        "cannot make the folder",
+        "metrics.jsonl is not a folder",
     ),
 }
 
@@ -146,3 +146,13 @@ def test_plot_bad_input(tmp_path, case):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("hpcdl: error:") and words in lines[0], result.stderr
     assert not list(tmp_path.rglob("*.png"))
+
+
+def test_plot_replaces_a_png_only_with_overwrite(tmp_path):
+    run_dir = write_metrics(tmp_path / "run", EPOCH)
+    (run_dir / "loss.png").write_bytes(b"an earlier plot")
+    result = hpcdl_cli("plot", run_dir)
+    assert result.returncode == 2 and "loss.png already exists; pass --overwrite" in result.stderr, result.stderr
+    assert (run_dir / "loss.png").read_bytes() == b"an earlier plot" and not (run_dir / "metrics.png").exists()
+    assert hpcdl_cli("plot", run_dir, "--overwrite").returncode == 0
+    assert_png(run_dir / "loss.png")

@@ -157,8 +157,22 @@ def ragged_npy(tmp_path, x, y):
     return ["--x", tmp_path / "x.npy", "--y", tmp_path / "y.npy"], "ragged or non-numeric"
 
 
+def header_only_csv(tmp_path, x, y):
+    path = write_csv(tmp_path / "empty.csv", x[:0], y[:0])
+    return ["--x", path], "empty.csv: has a header line but no data rows; add the samples below it"
+
+
+def empty_validation_npy(tmp_path, x, y):
+    """Named before anything splits or writes it (a zero-row /val once ended in h5py's traceback)."""
+    for name, array in (("x", x), ("y", y), ("vx", x[:0]), ("vy", y[:0])):
+        np.save(tmp_path / f"{name}.npy", array)
+    args = ["--x", tmp_path / "x.npy", "--y", tmp_path / "y.npy"]
+    args += ["--val-x", tmp_path / "vx.npy", "--val-y", tmp_path / "vy.npy"]
+    return args, f"vx.npy: has no rows (shape (0, {FEATURES})); give one row per sample"
+
+
 BAD = [ragged, label_out_of_range, negative_label, nan_feature, inf_after_cast, mismatched_lengths, unreadable]
-BAD += [missing, ragged_npy]
+BAD += [missing, ragged_npy, header_only_csv, empty_validation_npy]
 
 
 @pytest.mark.parametrize("case", BAD, ids=lambda case: case.__name__)

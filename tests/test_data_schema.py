@@ -295,16 +295,83 @@ def test_labels_read_in_bounded_blocks(tmp_path, monkeypatch):
 # ---- warnings, external files, /val scanned at every start ----------------------------------------------
 
 
-def test_labels_using_few_classes_warn(tmp_path):
-    info = validate(write_h5(tmp_path / "few.h5", classes=3, edit=edit_attr(num_classes=10)))
-    assert info.warnings == ("labels of /train use 3 of num_classes = 10 (0, 1, 2); the model will have 10 outputs",)
+def test_labels_using_far_fewer_classes_than_declared_say_how_to_fix_it(tmp_path):
+    path = write_h5(tmp_path / "few.h5", classes=3, edit=edit_attr(num_classes=1000))
+    assert validate(path).warnings == (
+        f"{path}: labels of /train use 3 of num_classes = 1000 (0, 1, 2); the model gets 1000 outputs and 997 of them "
+        "(more than half, more than 4) are for classes no sample has; if that is not meant, rebuild the file with "
+        "`hpcdl data convert ... --classes 3` (or set its num_classes attribute to 3)",
+    )
     assert validate(write_h5(tmp_path / "all.h5", classes=3)).warnings == ()
 
 
 def test_labels_missing_a_few_of_many_classes_name_those(tmp_path):
-    info = validate(write_h5(tmp_path / "many.h5", n_train=400, classes=12, edit=edit_attr(num_classes=14)))
-    (warning,) = info.warnings
-    assert warning == "labels of /train use 12 of num_classes = 14 (none of 12, 13); the model will have 14 outputs"
+    path = write_h5(tmp_path / "many.h5", n_train=400, classes=12, edit=edit_attr(num_classes=14))
+    (warning,) = validate(path).warnings
+    assert (
+        warning
+        == f"{path}: labels of /train use 12 of num_classes = 14 (none of 12, 13); the model will have 14 outputs"
+    )
+
+
+@pytest.mark.parametrize("used, declared, contradicts", [(3, 7, False), (3, 8, True), (6, 12, False), (6, 13, True)])
+def test_the_class_count_contradicts_the_labels_when_more_than_half_and_more_than_four_are_unused(
+    tmp_path, used, declared, contradicts
+):
+    (warning,) = validate(write_h5(tmp_path / "c.h5", classes=used, edit=edit_attr(num_classes=declared))).warnings
+    assert ("if that is not meant" in warning) == contradicts, warning
+
+
+def test_sparse_labels_are_told_to_renumber(tmp_path):
+    """Labels 0, 1, 2 and 19 of 20 classes: fewer classes cannot hold label 19, so the advice is to renumber."""
+
+    def sparse(f):
+        f.attrs["num_classes"] = 20
+        f["train/y"][0] = 19
+
+    path = write_h5(tmp_path / "sparse.h5", classes=3, edit=sparse)
+    (warning,) = validate(path).warnings
+    assert "use 4 of num_classes = 20 (0, 1, 2, 19)" in warning and warning.endswith("with its labels renumbered 0..3")
+
+
+def test_huge_features_warn_with_their_range(tmp_path):
+    """NaN is the scan's to report: the range covers the finite values."""
+
+    def huge(f):
+        f["train/x"][5, 2], f["train/x"][7, 1], f["train/x"][9, 0] = 1e30, -3e29, np.nan
+
+    path = write_h5(tmp_path / "huge.h5", edit=huge)
+    assert validate(path).warnings == (
+        f"{path}: features of '/train/x' reach 1e+30 (range [-3e+29, 1e+30] in its first 200 rows; more than 1e+06 "
+        "warns): a float32 model's first loss may overflow or mean nothing; scale them (e.g. standardize each "
+        "feature) and rebuild the file",
+    )
+    assert validate(write_h5(tmp_path / "edge.h5", edit=edit_set("train/x", (5, 2), -1e6))).warnings == ()
+
+
+def test_the_feature_range_reads_only_the_first_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(schema, "RANGE_SAMPLE_BYTES", 16 * 8 * 4)  # 16 rows of 8 float32 features
+    late = write_h5(tmp_path / "late.h5", edit=edit_set("train/x", (100, 0), 1e30))
+    assert validate(late).warnings == ()
+    early = write_h5(tmp_path / "early.h5", edit=edit_set("train/x", (15, 0), 1e30))
+    (warning,) = validate(early).warnings
+    assert "in its first 16 rows" in warning
+
+
+def test_a_run_says_the_data_warnings_first_and_trains_on(tmp_path, capsys):
+    """One rank, in this process: both warnings lead the run's output, and the run still takes its steps."""
+    from hpcdl import comm, config
+    from hpcdl.train import train
+
+    path = write_h5(tmp_path / "odd.h5", classes=3, edit=edit_attr(num_classes=1000))
+    with h5py.File(path, "a") as f:
+        f["train/x"][...] = f["train/x"][...] * 1e30
+    sets = [f"data.path='{path}'", f"run.dir='{tmp_path / 'run'}'", "train.max_steps=2", "run.progress=false"]
+    train(config.load("digits-mlp", sets), comm.init(threads=1))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"hpcdl: {path}: labels of /train use 3 of num_classes = 1000"), lines
+    assert lines[1].startswith(f"hpcdl: {path}: features of '/train/x' reach "), lines
+    assert "ranks on 1 node(s)" in lines[2] and lines[-1].startswith("done: 2 steps"), lines
 
 
 def link_to(filename: str, name: str, target: str):

@@ -193,11 +193,12 @@ def fit_script(part: str):
     return setup
 
 
-def config_file(text: str):
-    """A setup writing `conf.toml` with `text` in the test's folder."""
+def config_file(text: str | bytes):
+    """A setup writing `conf.toml` with `text` (or bytes) in the test's folder."""
 
     def setup(run_dir: Path, data: Path) -> Path:
-        (run_dir.parent / "conf.toml").write_text(text)
+        path = run_dir.parent / "conf.toml"
+        path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
         return data
 
     return setup
@@ -250,6 +251,7 @@ SETUPS = {
     "fit scheduler": fit_script("scheduler=lambda optimizer: 5"),
     "file in run.dir's path": file_in_the_way,
     "bad toml": config_file("[train\nlr = 0.1\n"),
+    "binary config": config_file(bytes(range(128, 256))),
     "unknown section": config_file("[optimiser]\nlr = 0.1\n"),
 }
 

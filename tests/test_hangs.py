@@ -237,6 +237,8 @@ def test_second_stop_signal_ends_at_once_with_75_once_the_checkpoint_is_written(
     )
     assert result.returncode == status, result.stderr
     assert "second stop signal (SIGTERM): ending at once" in result.stderr
+    saved = "hpcdl: stopped by SIGTERM at step 3; checkpoint run/checkpoints/step-00000003.pt"
+    assert (saved in result.stdout) == (when == "after"), result.stdout
 
 
 @pytest.mark.parametrize("variable", ["SLURM_NTASKS", "WORLD_SIZE"])

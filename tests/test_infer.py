@@ -222,10 +222,11 @@ def test_bad_inputs_end_every_rank_with_one_line_and_leave_no_output(model_paral
     make_synthetic(narrow, n=40, features=12, classes=CLASSES, progress=False)
     make_synthetic(three, n=40, features=FEATURES, classes=3, progress=False)
 
-    def infer(*args: str, data=scoring_data, checkpoint=run_dir, out=existing) -> list[str]:
+    def infer(*args: str, data=scoring_data, checkpoint=run_dir, out=tmp_path / "new.h5") -> list[str]:
         return ["infer", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), *args]
 
     cases = {
+        "existing.h5 already exists; pass --overwrite": infer(out=existing),
         "samples of shape (12,)": infer(data=narrow),
         "gives 4 classes, but": infer(data=three),
         "no split 'test'": infer("--split", "test"),
@@ -252,7 +253,7 @@ def test_bad_inputs_end_every_rank_with_one_line_and_leave_no_output(model_paral
     for words, text in zip(cases, said):
         errors = [line for line in text.splitlines()[1:] if line.startswith("hpcdl: error")]
         assert len(errors) == 1 and words in errors[0], (words, text)
-    assert existing.read_bytes() == b"an earlier result, kept"
+    assert existing.read_bytes() == b"an earlier result, kept" and not (tmp_path / "new.h5").exists()
     assert leftovers(tmp_path) == [] and not (tmp_path / "missing").exists()
     assert not (run_dir / "eval-features").exists()
 

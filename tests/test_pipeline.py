@@ -160,7 +160,7 @@ def test_layout_checks_say_what_would_work():
         layout(("parallel.mode='pipeline'", "parallel.stages=3"), 4)
     with pytest.raises(ConfigError, match="split into 1 replica.s. x 5 micro-batches; use a multiple of 5 .e.g. 45."):
         layout(("parallel.mode='pipeline'", "parallel.stages=2", "parallel.micro_batches=5"), 2)
-    with pytest.raises(ConfigError, match="parallel.stages is only used with parallel.mode = 'pipeline'"):
+    with pytest.raises(ConfigError, match="parallel.stages = 2 takes effect only with parallel.mode = 'pipeline'"):
         layout(("parallel.stages=2",), 2)
     with pytest.raises(ConfigError, match="parallel.schedule = 'zigzag' is not one of gpipe, 1f1b"):
         cfg("parallel.schedule='zigzag'")
@@ -170,7 +170,10 @@ def test_layout_checks_say_what_would_work():
     "sets, message",
     [
         (("parallel.stages=4",), "parallel.stages = 4 x parallel.replicas = 1 needs 4 ranks, but the job has 2"),
-        (("parallel.stages=2", "model.name='rnn'", "data.path=SEQUENCES"), "needs an nn.Sequential model"),
+        (
+            ("parallel.stages=2", "model.name='rnn'", "model.hidden=[128]", "data.path=SEQUENCES"),
+            "needs an nn.Sequential model",
+        ),  # fmt: skip
     ],
 )
 def test_bad_pipeline_layouts_end_every_rank_with_the_fix(datasets, tmp_path, sets, message):

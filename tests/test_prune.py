@@ -63,10 +63,13 @@ def test_global_threshold_at_2_3_4_ranks_and_any_split_equals_one_process(datase
         assert threshold(datasets, ranks, *sets) == one, (ranks, sets)
 
 
-def train(datasets, run_dir, ranks: int, *sets: str, extra: tuple[str, ...] = ()):
+PRUNE_RAMP = ("prune.final_sparsity=0.8", "prune.start=0", "prune.end=8", "prune.every=2")
+
+
+def train(datasets, run_dir, ranks: int, *sets: str, extra: tuple[str, ...] = (), ramp: tuple[str, ...] = PRUNE_RAMP):
     base = [f"data.path='{datasets['digits']}'", f"run.dir='{run_dir}'", "model.hidden=[32]", "train.batch_size=32",
-            "train.max_steps=12", "train.epochs=10", "run.progress=false", "prune.final_sparsity=0.8",
-            "prune.start=0", "prune.end=8", "prune.every=2", "run.checkpoint_every=4", "run.keep=5"]  # fmt: skip
+            "train.max_steps=12", "train.epochs=10", "run.progress=false", *ramp, "run.checkpoint_every=4",
+            "run.keep=5"]  # fmt: skip
     return hpcdl_train(ranks, "digits-mlp", *base, *sets, extra=extra, timeout=90)
 
 
@@ -107,6 +110,9 @@ def test_masks_kept_through_adam_and_a_resume_mid_ramp_equals_the_uninterrupted_
 def test_bad_prune_config_is_one_line(datasets, tmp_path):
     assert_one_line(train(datasets, tmp_path, 1, "prune.final_sparsity=1.0"), "prune.final_sparsity")
     assert_one_line(train(datasets, tmp_path, 1, "prune.end=8", "prune.start=9"), "prune.end must be >= prune.start")
+    never = train(datasets, tmp_path, 1, "prune.start=12", "prune.end=20")  # max_steps = 12: the ramp never begins
+    assert_one_line(never, "prune.start = 12: the run ends at step 12, before the ramp begins")
+    assert not tmp_path.joinpath("checkpoints").exists(), "a refused run leaves no run folder behind"
 
 
 def test_structured_pruning_writes_a_smaller_model_with_the_masked_models_outputs(datasets, tmp_path):
@@ -119,7 +125,7 @@ def test_structured_pruning_writes_a_smaller_model_with_the_masked_models_output
     assert [m.out_features for m in prune.hidden_linears(small)] == [12, 8, 10]
     # The command: a trained run's model, 50% of its neurons (L2) dropped, then 50% of the rest's weights.
     run, out = tmp_path / "run", tmp_path / "pruned"
-    trained = train(datasets, run, 1, "prune.final_sparsity=0", "model.hidden=[32, 16]", "run.checkpoint_every=0")
+    trained = train(datasets, run, 1, "model.hidden=[32, 16]", "run.checkpoint_every=0", ramp=())
     assert trained.returncode == 0, trained.stderr
     command = [sys.executable, "-m", "hpcdl", "prune", str(run), "--structured", "l2", "--fraction", "0.5",
                "--sparsity", "0.5", "--out", str(out)]  # fmt: skip
@@ -226,3 +232,24 @@ def test_a_train_init_that_is_no_run_is_one_line(tmp_path):
         initial_weights(str(tmp_path / "no"), [])
     with pytest.raises(HpcdlError, match=r"^config: train.init = '.*': no checkpoint in .*checkpoints$"):
         initial_weights(str(tmp_path), [])
+
+
+def test_prune_out_is_checked_before_loading_and_a_full_folder_moves_aside_only_with_overwrite(pruned, tmp_path):
+    from hpcdl.compress.commands import prune_run
+    from hpcdl.errors import HpcdlError
+
+    junk, out = tmp_path / "junk.pt", tmp_path / "out"
+    junk.write_text("not a checkpoint\n")
+    out.mkdir()
+    (out / "notes.txt").write_text("kept")
+    # A junk checkpoint: each refusal below comes before anything is loaded.
+    with pytest.raises(HpcdlError, match=f"^--out {out} is a folder that is not empty; pass --overwrite to move it"):
+        prune_run(str(junk), str(out), 0.3, None, 0.5)
+    with pytest.raises(HpcdlError, match=f"^--out {junk / 'x'}: {junk} is not a folder"):
+        prune_run(str(junk), str(junk / "x"), 0.3, None, 0.5)
+    done = prune_run(str(pruned.parent / "dense"), str(out), 0.3, None, 0.5, overwrite=True)
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("out.old-")]
+    assert done["moved_aside"] == str(aside) and (aside / "notes.txt").read_text() == "kept"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.toml", "model.pt"]
+    assert checkpoint.resolve("latest", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt", "out", aside.name]  # no partial folder left

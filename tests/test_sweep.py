@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from hpcdl.comm import EXIT_REQUEUE
 from hpcdl.sweep import space
+from hpcdl.sweep.runner import RESULT
 
 from conftest import hpcdl_train, read_summary, run_mpi
 
@@ -54,17 +56,28 @@ def test_each_trial_equals_the_same_training_alone_at_the_groups_size(datasets, 
 
 
 def test_failing_trials_are_recorded_and_the_others_finish(datasets, tmp_path):
-    # Trial 1: a bad value; trial 2: an exception on one rank of its group; trial 3: NaN features.
-    args = ("--groups", "2", "--grid", "train.lr=0.02,-1,0.02,0.02", "--fault", "2=raise@1:3", "--fault", "3=nan@0:2")
+    # Trial 1: an exception on one rank of its group; trial 2: NaN features.
+    args = ("--groups", "2", "--grid", "train.lr=0.02,0.03,0.04", "--fault", "1=raise@1:3", "--fault", "2=nan@0:2")
     result = sweep(4, datasets["synthetic"], tmp_path / "out", *args)
     assert result.returncode == 0, result.stderr
     table = results(tmp_path / "out")
     assert table[0]["status"] == "ok" and table[0]["epochs"] == 2
-    assert table[1]["status"] == "failed" and "train.lr must be a finite number > 0" in table[1]["error"]
-    assert table[2]["status"] == "failed"
-    assert table[2]["error"] == "rank 1: RuntimeError: injected fault: raise on rank 1 at step 3"
-    assert table[3]["status"] == "failed" and "non-finite loss at step 2" in table[3]["error"]
+    assert table[1]["status"] == "failed"
+    assert table[1]["error"] == "rank 1: RuntimeError: injected fault: raise on rank 1 at step 3"
+    assert table[2]["status"] == "failed" and "non-finite loss at step 2" in table[2]["error"]
     assert "MPI_Abort" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_signal_to_one_group_stops_every_group_before_its_next_trial(datasets, tmp_path):
+    # Trial 0 is stopped at step 2 by a signal to its group's rank; the other group, unsignalled, finishes trial 1
+    # and then finds the stop raised instead of starting trial 2.
+    out = tmp_path / "out"
+    args = ("--groups", "2", "--grid", "train.lr=0.02,0.03,0.04", "--fault", "0=signal@0:2")
+    result = sweep(2, datasets["synthetic"], out, *args)
+    assert result.returncode == EXIT_REQUEUE, result.stderr
+    assert "hpcdl sweep: stopped by a signal; continue with the same command and --resume auto" in result.stdout
+    statuses = [json.loads((out / "trials" / f"{i:03d}" / RESULT).read_text())["status"] for i in (0, 1)]
+    assert statuses == ["stopped", "ok"] and not (out / "trials" / "002").exists()
 
 
 def test_a_killed_sweep_resumes_to_the_same_table(datasets, whole, tmp_path):

@@ -25,6 +25,8 @@ CHECKED_ELSEWHERE = {
     "run.watchdog_s": "'auto' or seconds: RunConfig.check",
     "parallel.cuts": "against the model's layers: parallel.layout",
     "distill.alpha": "within [0, 1], both ends included: DistillConfig.check (tests/test_distill.py)",
+    "prune.start": "'auto' or a step: PruneConfig.check",
+    "prune.end": "'auto' or a step: PruneConfig.check",
 }
 
 
@@ -93,9 +95,17 @@ def test_out_of_range_names_the_key(key, value):
     assert message.startswith(f"config: {key}") and "must be" in message and "\n" not in message, message
 
 
+def where_read(key: str) -> list[str]:
+    """The setting under which a key is read at all (its read_when), e.g. parallel.mode='zero' for zero_stage."""
+    section, name = key.split(".")
+    spec = next(f for f in dataclasses.fields(getattr(config.Config(), section)) if f.name == name)
+    read = spec.metadata.get("read_when")
+    return [f"{read.settings[0]}={read.values[0]!r}"] if read and read.values else []
+
+
 @pytest.mark.parametrize("key, value", EDGES)
 def test_range_edges_are_accepted(key, value):
-    config.load("digits-mlp", [f"{key}={value}"])
+    config.load("digits-mlp", [*where_read(key), f"{key}={value}"])
 
 
 @pytest.mark.parametrize(
@@ -124,7 +134,7 @@ def test_messages(assignment, message):
 
 def test_momentum_of_one_or_more_is_torchs_to_judge():
     """torch's SGD takes momentum >= 1, so the config does not refuse it."""
-    assert config.load("digits-mlp", ["train.momentum=1.5"]).train.momentum == 1.5
+    assert config.load("digits-mlp", ["train.optimizer='sgd'", "train.momentum=1.5"]).train.momentum == 1.5
 
 
 @pytest.mark.parametrize(
@@ -154,6 +164,8 @@ LIBRARY_CALLS = {  # the case in tests/scripts/bad_library_calls.py -> what its 
     "fit model": "hpcdl.fit: model must be a torch.nn.Module, got NoneType",
     "fit data_path": "hpcdl.fit: data_path must be a path (str or pathlib.Path), got 3",
     "fit lr": "config: train.lr must be a finite number > 0, got nan",
+    "fit model without parameters": "hpcdl.fit: model Flatten has no parameters that require gradients: nothing to "
+    "train; pass the network with its layers (e.g. nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))",
     "open path": "hpcdl.data.open: path must be a path (str or pathlib.Path), got None",
     "open split": "hpcdl.data.open: split = 'test' is not one of train, val",
     "open seed": "hpcdl.data.open: seed must be >= 0 and < 4294967296, got -1",

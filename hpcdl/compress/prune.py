@@ -18,7 +18,7 @@ so the mask is a function of the weights: a checkpoint's weights carry it and a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -26,8 +26,14 @@ from torch import nn
 
 from hpcdl.comm import World
 from hpcdl.config import PruneConfig
+from hpcdl.errors import HpcdlError
 
-__all__ = ["kth_smallest_abs", "global_threshold", "Pruner", "ramp", "prune_module", "prune_neurons"]
+__all__ = ["kth_smallest_abs", "global_threshold", "Pruner", "ramp", "resolve", "prune_module", "prune_neurons"]
+
+# prune.start and prune.end "auto": the ramp runs from 20% to 70% of the run's steps (Zhu & Gupta prune over the middle
+# of training: the weights settle first, and the pruned model recovers after).
+AUTO_RAMP = (0.2, 0.7)
+RAMP_UPDATES = 10  # prune.every = 0: mask updates over the ramp
 
 Parts = list[tuple[torch.Tensor, bool]]  # (tensor, split over the group?) as Strategy.prune_weights gives
 
@@ -93,6 +99,31 @@ def ramp(cfg: PruneConfig, step: int) -> float:
     return cfg.final_sparsity * (1.0 - (1.0 - (step - cfg.start) / (cfg.end - cfg.start)) ** 3)
 
 
+def resolve(cfg: PruneConfig, last_step: int) -> tuple[PruneConfig, str]:
+    """The ramp the run follows (an "auto" start or end from AUTO_RAMP of `last_step`, `every` from RAMP_UPDATES
+    when 0), and the line that says so at start."""
+    auto = "auto" in (cfg.start, cfg.end)
+    start = round(AUTO_RAMP[0] * last_step) if cfg.start == "auto" else cfg.start
+    end = max(start, round(AUTO_RAMP[1] * last_step)) if cfg.end == "auto" else cfg.end
+    if end < start:
+        raise HpcdlError(f"prune.end = {end} comes before the ramp's start at step {start}; set prune.end later")
+    every = cfg.every or max(1, (end - start) // RAMP_UPDATES)
+    ramp_cfg = replace(cfg, start=start, end=end, every=every)
+    line = f"prune: sparsity ramped to {cfg.final_sparsity:g} over steps {start} to {end}"
+    if auto:
+        shares = f"{AUTO_RAMP[0]:.0%} to {AUTO_RAMP[1]:.0%}"
+        line += f" ({shares} of the run's {last_step} for 'auto'; prune.start and prune.end choose)"
+    line += f", masks updated every {every} steps"
+    if start >= last_step:
+        raise HpcdlError(
+            f"prune.start = {start}: the run ends at step {last_step}, before the ramp begins, so nothing would be "
+            "pruned; lower prune.start and prune.end (or set both to 'auto': the ramp spans 20% to 70% of the run)"
+        )
+    if end > last_step:
+        line += f"; the run ends at step {last_step}, before the ramp reaches {cfg.final_sparsity:g}"
+    return ramp_cfg, line
+
+
 def points(cfg: PruneConfig) -> list[int]:
     """The ramp's update steps: start, start + every, ... up to end, and end."""
     return sorted({*range(cfg.start, cfg.end + 1, cfg.every), cfg.end})
@@ -110,15 +141,17 @@ class Pruner:
     threshold: float | None = None
 
     @classmethod
-    def for_run(cls, cfg: PruneConfig, strategy, global_step: int) -> Pruner | None:
-        """The run's pruner (None when prune.final_sparsity is 0), at the position a resume starts from."""
+    def for_run(cls, cfg: PruneConfig, strategy, global_step: int, last_step: int) -> tuple[Pruner | None, str]:
+        """The run's pruner (None when prune.final_sparsity is 0), at the position a resume starts from, and the
+        line that says its ramp."""
         if cfg.final_sparsity <= 0:
-            return None
+            return None, ""
+        cfg, line = resolve(cfg, last_step)
         pruner = cls(cfg, strategy.prune_weights(), strategy.split_group, global_step)
         done = [p for p in points(cfg) if p <= global_step]
         if done and round(ramp(cfg, done[-1]) * count(pruner.parts, pruner.group)) > 0:
             pruner.masks = [t == 0 for t, _ in pruner.parts]  # the saved weights carry the masks (see above)
-        return pruner
+        return pruner, line
 
     def after_step(self, step: int) -> None:
         """After the optimizer step ending at `step`: a due mask update, then the masked weights set to zero."""
@@ -151,6 +184,7 @@ class Pruner:
         return {
             "prune": {
                 "final_sparsity": self.cfg.final_sparsity,
+                "ramp_steps": [self.cfg.start, self.cfg.end, self.cfg.every],
                 "weights": total,
                 "pruned": zeros,
                 "sparsity": zeros / total if total else 0.0,

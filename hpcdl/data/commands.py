@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import re
 
+from hpcdl.outputs import check_new_file
+
 # Default sample counts per kind: enough to learn from, quick to build on a laptop.
 DEFAULT_N = {"synthetic": 60_000, "images": 10_000, "sequences": 10_000}
 SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
@@ -24,7 +26,8 @@ def count(text: str) -> int:
 
 def _storage_options() -> argparse.ArgumentParser:
     shared = argparse.ArgumentParser(add_help=False)
-    shared.add_argument("--out", required=True, metavar="FILE", help="the .h5 file to write (replaced if present)")
+    shared.add_argument("--out", required=True, metavar="FILE", help="the .h5 file to write")
+    shared.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     shared.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed and options, same file")
     shared.add_argument("--compression", choices=["gzip", "lzf"], help="compress chunks (default: none)")
     shared.add_argument("--checksum", action="store_true", help="store fletcher32 checksums of every chunk")
@@ -52,6 +55,7 @@ def _make(args: argparse.Namespace) -> int:
     from hpcdl.data import make
     from hpcdl.data.schema import describe
 
+    check_new_file("--out", args.out, args.overwrite, make_parents=True)
     storage = dict(seed=args.seed, chunk_rows=args.chunk_rows, compression=args.compression, checksum=args.checksum)
     if args.kind == "digits":
         info = make.make_digits(args.out, **storage)
@@ -76,6 +80,7 @@ def _convert(args: argparse.Namespace) -> int:
     from hpcdl.data.convert import convert
     from hpcdl.data.schema import describe
 
+    check_new_file("--out", args.out, args.overwrite, make_parents=True)
     info = convert(
         args.x,
         args.y,

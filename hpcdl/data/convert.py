@@ -289,6 +289,15 @@ def open_source(
     return Source(x, y)
 
 
+def _check_samples(source: Source) -> None:
+    """A source without a single sample is refused by name, before anything counts its labels or splits it."""
+    if source.rows:
+        return
+    if isinstance(source.x, CsvRows):  # a CSV's first line is a sample unless it is a header
+        raise DataError(f"{source.x.path}: has a header line but no data rows; add the samples below it, one per line")
+    raise DataError(f"{source.x.label}: has no rows (shape {source.x.shape}); give one row per sample")
+
+
 def _labels(source: Source, block: np.ndarray, start: int, classes: int | None) -> np.ndarray:
     """Labels as int64 class indices; the first non-integral, negative or out-of-range one is an error."""
     block = block.reshape(-1)
@@ -369,6 +378,8 @@ def convert(
     train = open_source(x, y, label_column, task)
     val = open_source(val_x, val_y, label_column, task) if val_x else None
     sources = [s for s in (train, val) if s is not None]
+    for source in sources:
+        _check_samples(source)
     shape = feature_shape or train.row_shape
     for source in sources:
         if math.prod(source.row_shape) != math.prod(shape) or (val and source.row_shape != train.row_shape):

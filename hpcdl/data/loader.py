@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -16,6 +17,9 @@ from hpcdl.data.direct import DirectRows
 from hpcdl.data.partition import Partition, StepPlan
 from hpcdl.device import CPU, BatchCopier
 from hpcdl.errors import DataError
+
+if TYPE_CHECKING:
+    from hpcdl.comm import World
 
 # HDF5's per-dataset chunk cache: large enough that random reads reuse decompressed chunks.
 CHUNK_CACHE_BYTES = 64 << 20
@@ -278,6 +282,11 @@ class Loader:
 
     def __len__(self) -> int:
         return self.partition.steps_per_epoch()
+
+    def summary(self, world: World) -> dict:
+        """How the rows were read, for the run summary (a collective: `cached` only if every rank's share was)."""
+        uncached = world.allreduce_sum(np.array([float(not self.reader.cached)]))[0]
+        return {"loader": {"cached": not uncached, "prefetch": self.prefetch}}
 
     def _load(self, plan: StepPlan) -> Batch:
         x, y = self.reader.read(plan.local)

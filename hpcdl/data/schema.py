@@ -37,6 +37,14 @@ SCAN_READ_BYTES = 32 << 20
 VAL_SCAN_BYTES = 256 << 20
 # A warning lists at most this many class indices.
 LISTED_CLASSES = 10
+# More than half of num_classes, and more than this many, unused by the train labels looks like a wrong num_classes
+# rather than rare classes: the warning then says how to set it.
+UNUSED_CLASSES = 4
+# Features beyond this in magnitude make a float32 model's first logits or predictions about as large: its softmax
+# saturates and a squared error passes 1e12 (overflowing float32 from ~1e19), so the first loss means nothing.
+LARGE_FEATURE = 1e6
+# The first rows of /train/x read at every start to see the features' range (a sample: the scan reads them all).
+RANGE_SAMPLE_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -100,11 +108,16 @@ def plain(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _rows_within(dataset: h5py.Dataset, budget_bytes: int) -> int:
+    """How many of the dataset's rows fit in budget_bytes (at least one)."""
+    row_bytes = max(dataset.dtype.itemsize * math.prod(dataset.shape[1:]), 1)
+    return max(1, budget_bytes // row_bytes)
+
+
 def row_blocks(dataset: h5py.Dataset, budget_bytes: int) -> Iterator[tuple[int, int]]:
     """(start, stop) row ranges of at most ~budget_bytes each, aligned to the dataset's chunks."""
     rows_total = dataset.shape[0]
-    row_bytes = max(dataset.dtype.itemsize * math.prod(dataset.shape[1:]), 1)
-    rows = max(1, budget_bytes // row_bytes)
+    rows = _rows_within(dataset, budget_bytes)
     if dataset.chunks:
         # Whole chunks per read: a chunk split across two reads would be read (and decompressed) twice.
         chunk = dataset.chunks[0]
@@ -319,15 +332,42 @@ def _listed(classes: np.ndarray) -> str:
     return shown + (f", ... ({len(classes) - LISTED_CLASSES} more)" if len(classes) > LISTED_CLASSES else "")
 
 
-def _unused_classes_warning(split: str, counts: np.ndarray) -> list[str]:
-    """A warning when the split's labels leave classes unused: the model still gets an output for each."""
+def _unused_classes_warning(path: str, split: str, counts: np.ndarray) -> list[str]:
+    """A warning when the split's labels leave classes unused: the model still gets an output for each; when far
+    more classes are declared than used, what to do if that is not meant."""
     used, unused = np.flatnonzero(counts), np.flatnonzero(counts == 0)
     if not len(unused):
         return []
+    declared = len(counts)
     which = f"({_listed(used)})" if len(used) <= len(unused) else f"(none of {_listed(unused)})"
+    warning = f"{path}: labels of /{split} use {len(used)} of num_classes = {declared} {which}; "
+    if len(unused) <= max(len(used), UNUSED_CLASSES):
+        return [warning + f"the model will have {declared} outputs"]
+    needed = int(used[-1]) + 1
+    fix = (
+        f"`hpcdl data convert ... --classes {needed}` (or set its num_classes attribute to {needed})"
+        if needed < declared
+        else f"its labels renumbered 0..{len(used) - 1}"
+    )
     return [
-        f"labels of /{split} use {len(used)} of num_classes = {len(counts)} {which}; "
-        f"the model will have {len(counts)} outputs"
+        warning + f"the model gets {declared} outputs and {len(unused)} of them (more than half, more than "
+        f"{UNUSED_CLASSES}) are for classes no sample has; if that is not meant, rebuild the file with {fix}"
+    ]
+
+
+def _large_features_warning(path: str, x: h5py.Dataset) -> list[str]:
+    """A warning when the first rows of `x` (a bounded sample) hold features so large that a float32 model's first
+    loss overflows or means nothing."""
+    rows = min(x.shape[0], _rows_within(x, RANGE_SAMPLE_BYTES))
+    sample = _read(path, x, 0, rows)
+    finite = sample[np.isfinite(sample)]  # NaN and Inf are the scan's to name
+    if not finite.size or float(np.abs(finite).max()) <= LARGE_FEATURE:
+        return []
+    low, high = float(finite.min()), float(finite.max())
+    return [
+        f"{path}: features of '{x.name}' reach {max(-low, high):.3g} (range [{low:.3g}, {high:.3g}] in its first "
+        f"{rows:,} rows; more than {LARGE_FEATURE:.0e} warns): a float32 model's first loss may overflow or mean "
+        "nothing; scale them (e.g. standardize each feature) and rebuild the file"
     ]
 
 
@@ -382,10 +422,12 @@ def validate(path: str | os.PathLike[str], splits: tuple[str, ...] = SPLITS, sca
             if task == "classification":
                 counts = _check_labels(path, y, num_classes)
                 if split == "train":
-                    warnings += _unused_classes_warning(split, counts)
+                    warnings += _unused_classes_warning(path, split, counts)
             else:
                 target_shapes[split] = tuple(y.shape[1:])
                 target_stats[split] = _check_targets(path, y)
+            if split == "train":
+                warnings += _large_features_warning(path, x)
             if scan:
                 _scan_features(path, x)
             elif split == "val":

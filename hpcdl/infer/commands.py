@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 EVALUATION_FOLDER = "eval-{split}"  # evaluate's default report folder, inside the checkpoint's run folder
@@ -27,19 +26,24 @@ def _scoring_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _start(args: argparse.Namespace, out: str | None, need_labels: bool):
-    """The world and the checked job (every rank, every input checked before scoring)."""
+def _world(args: argparse.Namespace):
+    """This job's world, with the torch threads asked for."""
     from hpcdl import comm
     from hpcdl.errors import HpcdlError
-    from hpcdl.infer.engine import Request, prepare
 
     if args.threads is not None and args.threads < 1:
         raise HpcdlError(f"--threads {args.threads}: must be >= 1 (torch threads per rank)")
-    world = comm.init(verbose=args.verbose, threads=args.threads)
+    return comm.init(verbose=args.verbose, threads=args.threads)
+
+
+def _job(world, args: argparse.Namespace, out: str | None, need_labels: bool):
+    """The checked job (every rank, every input checked before scoring)."""
+    from hpcdl.infer.engine import Request, prepare
+
     outputs = tuple(name.strip() for name in getattr(args, "outputs", "class").split(",") if name.strip())
     request = Request(
         args.data, args.split, outputs, args.schedule, args.batch, progress=args.progress, out=out,
-        quantize=args.quantize,
+        quantize=args.quantize, overwrite=args.overwrite,
     )  # fmt: skip
     job = prepare(world, request, args.checkpoint, need_labels=need_labels)
     for note in job.notes:
@@ -48,7 +52,7 @@ def _start(args: argparse.Namespace, out: str | None, need_labels: bool):
         f"hpcdl: scoring {job.source.rows:,} samples of {args.data} /{args.split} with {job.model.name} from "
         f"{job.model.source} on {world.size} rank(s), schedule {args.schedule}, batch {args.batch}"
     )
-    return world, job
+    return job
 
 
 def _said(world, scored) -> None:
@@ -64,7 +68,8 @@ def _infer(args: argparse.Namespace) -> int:
     from hpcdl.infer.engine import run
     from hpcdl.infer.metrics import table
 
-    world, job = _start(args, args.out, need_labels=False)
+    world = _world(args)
+    job = _job(world, args, args.out, need_labels=False)
     scored = run(world, job)
     _said(world, scored)
     if scored.metrics:
@@ -73,30 +78,34 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def report_folder(checkpoint: Path, split: str) -> Path:
-    """Where evaluate writes by default: eval-SPLIT in the run folder the checkpoint belongs to."""
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+def report_folder(target: str | Path, split: str) -> Path:
+    """Where evaluate writes by default: eval-SPLIT in the run folder named, or the one its checkpoint belongs to."""
+    path = Path(target)
+    run_dir = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
     return run_dir / EVALUATION_FOLDER.format(split=split)
 
 
-def check_report_folder(folder: Path) -> None:
-    """The report folder is a folder (or can be made one) that can be written."""
-    from hpcdl.errors import HpcdlError
+def check_report_folder(folder: Path, overwrite: bool) -> None:
+    """The report folder is a folder (or can be made one) that can be written, holding no report unless `overwrite`."""
+    from hpcdl.infer.metrics import REPORT_FILES
+    from hpcdl.outputs import check_new_folder, existing_output
 
-    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
-    if not existing.is_dir():
-        raise HpcdlError(f"--out-dir {folder}: {existing} is not a folder; choose another --out-dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise HpcdlError(f"--out-dir {folder}: {existing} is not writable; choose another --out-dir")
+    check_new_folder("--out-dir", folder)
+    found = [name for name in REPORT_FILES if (folder / name).exists()]
+    if found and not overwrite:
+        raise existing_output("--out-dir", folder, f"already holds an evaluation report ({', '.join(found)})")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from hpcdl.infer.engine import run
     from hpcdl.infer.metrics import report_files, table, write_report
 
-    world, job = _start(args, None, need_labels=True)
-    folder = Path(args.out_dir) if args.out_dir else report_folder(Path(job.model.source), args.split)
-    world.agree(lambda: check_report_folder(folder) if world.is_root else None)
+    world = _world(args)
+    # The default folder lies beside the checkpoint: while that names nothing, its own check says so first.
+    folder = Path(args.out_dir) if args.out_dir else report_folder(args.checkpoint, args.split)
+    if args.out_dir or Path(args.checkpoint).exists():
+        world.agree(lambda: check_report_folder(folder, args.overwrite) if world.is_root else None)
+    job = _job(world, args, None, need_labels=True)
     scored = run(world, job)
     _said(world, scored)
     world.log(table(scored.metrics))
@@ -110,23 +119,32 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from hpcdl.export import export
 
-    path, tensors = export(args.checkpoint, args.out)
+    path, tensors = export(args.checkpoint, args.out, args.overwrite)
     print(f"hpcdl: wrote {tensors} tensors of {args.checkpoint} to {path}")
     return 0
+
+
+def _overwrite_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--overwrite", action="store_true", help=f"replace {what} if it exists (else refused)")
 
 
 def register(commands) -> None:
     """Add infer, evaluate and export to the top-level subcommands."""
     infer = commands.add_parser("infer", help="score a split on N ranks into one HDF5 file, in sample order")
     _scoring_options(infer)
-    infer.add_argument("--out", required=True, metavar="FILE", help="the predictions' .h5 file (replaced when done)")
+    infer.add_argument("--out", required=True, metavar="FILE", help="the predictions' .h5 file (written when done)")
     infer.add_argument("--outputs", default="class", help="what to write per sample: class,probs,logits")
+    _overwrite_option(infer, "the --out file")
     infer.set_defaults(func=_infer)
     evaluate = commands.add_parser("evaluate", help="loss, accuracy, per-class precision/recall/F1, confusion matrix")
     _scoring_options(evaluate)
     evaluate.add_argument("--out-dir", help="where metrics.json, confusion.csv/.png go (default: RUN/eval-SPLIT)")
+    _overwrite_option(evaluate, "the report in --out-dir")
     evaluate.set_defaults(func=_evaluate)
     export = commands.add_parser("export", help="a checkpoint's weights alone, as .safetensors or weights-only .pt")
     export.add_argument("checkpoint", help="a run folder (its newest valid checkpoint) or a checkpoint file")
-    export.add_argument("--out", required=True, help="FILE.safetensors, or FILE.pt (a state dict for torch.load)")
+    export.add_argument(
+        "--out", required=True, help="FILE.safetensors, or FILE.pt / FILE.pth (a state dict for torch.load)"
+    )
+    _overwrite_option(export, "the --out file")
     export.set_defaults(func=_export)

@@ -28,7 +28,7 @@ from hpcdl.infer.metrics import Tally, classification_metrics
 from hpcdl.infer.model import ScoringModel, from_checkpoint, from_module
 from hpcdl.infer.quantize import QUANTIZE, int8
 from hpcdl.infer.schedule import ROWS_DONE, SCHEDULES, ClaimedChunks, SharedCounters, static_plan
-from hpcdl.infer.writer import OUTPUTS, GatheredRows, PredictionFile, check_destination, columns
+from hpcdl.infer.writer import OUTPUTS, GatheredRows, PredictionFile, check_destination, check_room, columns
 from hpcdl.progress import Progress
 
 POLL_S = 0.02  # how often rank 0 redraws the others' progress once its own rows are done
@@ -47,6 +47,7 @@ class Request:
     progress: bool = True
     out: str | Path | None = None  # the results' HDF5 file; None: in memory on rank 0
     quantize: str = "none"  # int8: Linear/LSTM layers as dynamic int8 (hpcdl.infer.quantize)
+    overwrite: bool = True  # replace an existing `out` (hpcdl.predict does; `hpcdl infer` only with --overwrite)
 
     def check(self) -> None:
         """A ConfigError naming the first option that is wrong."""
@@ -94,14 +95,16 @@ class Job:
 def prepare(world: World, request: Request, model: str | nn.Module, need_labels: bool = False) -> Job:
     """Check options, split, model and output place on every rank; all fail together, before any scoring."""
 
-    def check_split() -> ScoringInput:
+    def check_inputs() -> ScoringInput:
         request.check()
         source = describe_split(request.data, request.split)
         if need_labels and not source.labelled:
             raise DataError(f"{request.data}: split {request.split!r} has no labels (/{request.split}/y) to evaluate")
+        if request.out is not None:  # before the model is loaded: a wrong output path costs no load
+            check_destination(Path(request.out), request.data, request.overwrite)
         return source
 
-    source = world.comm.bcast(world.agree(lambda: check_split() if world.is_root else None), root=0)
+    source = world.comm.bcast(world.agree(lambda: check_inputs() if world.is_root else None), root=0)
     notes: list[str] = []
     scoring = world.agree(
         lambda: from_module(model, source) if isinstance(model, nn.Module) else from_checkpoint(model, source, notes)
@@ -111,7 +114,7 @@ def prepare(world: World, request: Request, model: str | nn.Module, need_labels:
     out = Path(request.out) if request.out is not None else None
     job = Job(request, source, scoring, out, notes)
     if out is not None:
-        world.agree(lambda: check_destination(out, request.data, _result_bytes(job)) if world.is_root else None)
+        world.agree(lambda: check_room(out, _result_bytes(job)) if world.is_root else None)
     return job
 
 
@@ -235,8 +238,8 @@ def predict(
 
     `model` is a checkpoint file or run folder (its newest valid checkpoint), or your own module (rank 0's
     weights are broadcast; it scores in eval mode, its mode restored after). With `out`, the results go to that
-    HDF5 file as `hpcdl infer` writes it; without, `arrays` holds them on rank 0 (index, class, and probs/logits
-    if in `outputs`), in sample order. `metrics` (labelled splits) is the same on every rank.
+    HDF5 file as `hpcdl infer` writes it (replacing one there); without, `arrays` holds them on rank 0 (index,
+    class, and probs/logits if in `outputs`), in sample order. `metrics` (labelled splits) is the same on every rank.
     """
     from hpcdl.api import init
     from hpcdl.parallel.data import broadcast_module

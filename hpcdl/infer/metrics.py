@@ -20,6 +20,8 @@ from hpcdl.comm import World, mpi
 from hpcdl.errors import HpcdlError
 from hpcdl.metrics import strict_json
 
+REPORT_FILES = ("metrics.json", "confusion.csv", "confusion.png")  # what `report_files` may give
+
 
 class Tally:
     """One rank's counts: confusion matrix and summed loss of the rows it scored."""
@@ -89,12 +91,13 @@ def report_files(metrics: dict[str, Any], about: dict[str, Any]) -> dict[str, by
     classes = len(metrics["confusion"])
     writer.writerow(["true \\ predicted", *range(classes)])
     writer.writerows([k, *row] for k, row in enumerate(metrics["confusion"]))
+    json_name, csv_name, png_name = REPORT_FILES
     files = {
-        "metrics.json": (strict_json({**about, **metrics}, indent=2) + "\n").encode(),
-        "confusion.csv": text.getvalue().encode(),
+        json_name: (strict_json({**about, **metrics}, indent=2) + "\n").encode(),
+        csv_name: text.getvalue().encode(),
     }
     image = confusion_png(np.array(metrics["confusion"]), f"{about['data']} /{about['split']}")
-    return files | ({"confusion.png": image} if image else {})
+    return files | ({png_name: image} if image else {})
 
 
 def confusion_png(confusion: np.ndarray, title: str) -> bytes | None:
@@ -124,11 +127,14 @@ def confusion_png(confusion: np.ndarray, title: str) -> bytes | None:
 
 
 def write_report(folder: Path, files: dict[str, bytes]) -> list[str]:
-    """Write the report's files into `folder`, each atomically (a reader sees all of a file or none); their names."""
+    """Write the report's files into `folder`, each atomically (a reader sees all of a file or none), and remove an
+    earlier report's file this one lacks (a confusion.png from before matplotlib went); their names."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
             write_atomically(folder / name, data)
+        for name in set(REPORT_FILES) - set(files):
+            (folder / name).unlink(missing_ok=True)
         return list(files)
     except OSError as exc:
         raise HpcdlError(f"cannot write the evaluation report in {folder}: {exc.strerror or exc}") from None

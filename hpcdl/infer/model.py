@@ -57,8 +57,12 @@ def from_checkpoint(target: str, source: ScoringInput, notes: list[str]) -> Scor
     cfg = run_config(state, path)
     saved, dtype = state["model"], torch_dtype(cfg.model.dtype)
     classes = source.num_classes or output_classes(saved)
-    model = build(cfg.model, source.feature_shape, classes, cfg.train.seed, cfg.folder, "meta", dtype)
-    check_fit(model, saved, path, source, classes)
+    try:
+        model = build(cfg.model, source.feature_shape, classes, cfg.train.seed, cfg.folder, "meta", dtype)
+    except (ValueError, TypeError, RuntimeError, ConfigError) as exc:  # the model cannot take samples of this shape
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise shape_mismatch(path, state, source, f"it cannot be built for them: {cause}") from None
+    check_fit(model, state, path, source, classes)
     if is_meta(model):
         model.to_empty(device="cpu")  # every tensor is loaded next: no initialisation needed
     checkpoint.restore_model(model, state, path)
@@ -67,8 +71,9 @@ def from_checkpoint(target: str, source: ScoringInput, notes: list[str]) -> Scor
     return ScoringModel(model, dtype, classes, cfg.model.factory or cfg.model.name, str(path))
 
 
-def check_fit(model: nn.Module, saved: dict[str, torch.Tensor], path: Path, source: ScoringInput, classes: int) -> None:
+def check_fit(model: nn.Module, state: dict[str, Any], path: Path, source: ScoringInput, classes: int) -> None:
     """The saved tensors have the shapes of the model built for this data, else what differs: classes or samples."""
+    saved = state["model"]
     wanted = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     differs = [
         (name, tuple(saved[name].shape), shape)
@@ -77,16 +82,24 @@ def check_fit(model: nn.Module, saved: dict[str, torch.Tensor], path: Path, sour
     ]
     if not differs:
         return  # missing or extra names are restore_model's to report
-    where = f"{source.path} /{source.split}"
     if output_classes(saved) != classes:
         raise ConfigError(
-            f"checkpoint {path} gives {output_classes(saved)} classes, but {where} has {classes} "
-            "(num_classes): score data with the classes the model was trained on"
+            f"checkpoint {path} gives {output_classes(saved)} classes, but {source.path} /{source.split} has "
+            f"{classes} (num_classes): score data with the classes the model was trained on"
         )
     name, had, want = differs[0]
-    raise ConfigError(
-        f"checkpoint {path} does not take {where}'s samples of shape {source.feature_shape}: its {name} is "
-        f"{had}, samples of this shape need {want}; score data shaped like the run's training data"
+    raise shape_mismatch(path, state, source, f"its {name} is {had}, samples of this shape need {want}")
+
+
+def shape_mismatch(path: Path, state: dict[str, Any], source: ScoringInput, why: str) -> ConfigError:
+    """One line for data whose samples the checkpoint's model does not take: its model and input shape, the data's."""
+    model = (state.get("config") or {}).get("model", {})
+    name = model.get("factory") or model.get("name") or "?"
+    trained = state.get("dataset", {}).get("feature_shape")
+    shape = f"samples of shape {tuple(trained)}" if trained else "samples of a shape it does not record"
+    return ConfigError(
+        f"checkpoint {path} holds a {name} model for {shape}, but {source.path} /{source.split} has samples of "
+        f"shape {source.feature_shape} ({why}); score data shaped like the run's training data"
     )
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from hpcdl.comm import World
 from hpcdl.errors import HpcdlError
+from hpcdl.outputs import check_new_file
 
 OUTPUTS = ("class", "probs", "logits")  # what --outputs may name; `index` and `class` are always written
 SPACE_MARGIN = 1 << 20  # HDF5 metadata and the metrics beside the rows' bytes
@@ -38,23 +39,21 @@ def columns(outputs: tuple[str, ...], classes: int, values: np.dtype) -> dict[st
     return shapes
 
 
-def check_destination(out: Path, data: str, nbytes: int) -> None:
-    """`out` can be written (its folder exists and is writable, it is not a folder, nor the input) with room."""
-    folder = out.parent
-    if out.is_dir():
-        raise HpcdlError(f"--out {out} is a folder; give the path of the .h5 file to write")
+def check_destination(out: Path, data: str, overwrite: bool) -> None:
+    """`out` can be written (its folder exists and is writable, it is not a folder, nor the input, nor an existing
+    file unless `overwrite`): checked before the model is loaded."""
     if out.exists() and out.resolve() == Path(data).resolve():
         raise HpcdlError(f"--out {out} is the input file itself; write the predictions elsewhere")
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() or any(p.is_file() for p in folder.parents) else "does not exist"
-        raise HpcdlError(f"--out {out}: its folder {folder} {what}; create it or choose another --out")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise HpcdlError(f"--out {out}: folder {folder} is not writable; choose another --out")
-    free = shutil.disk_usage(folder).free
+    check_new_file("--out", out, overwrite)
+
+
+def check_room(out: Path, nbytes: int) -> None:
+    """`out`'s folder has room for `nbytes` of predictions."""
+    free = shutil.disk_usage(out.parent).free
     if free < nbytes + SPACE_MARGIN:
         raise HpcdlError(
             f"--out {out}: not enough free space for the predictions ({nbytes / 1e6:,.1f} MB needed, "
-            f"{free / 1e6:,.1f} MB free in {folder}); free space or choose another --out"
+            f"{free / 1e6:,.1f} MB free in {out.parent}); free space or choose another --out"
         )
 
 

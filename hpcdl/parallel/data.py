@@ -60,6 +60,12 @@ class DataParallel(Strategy):
         broadcast_module(world, model)
         self.grads = GradSync(world, self.params, int(bucket_mb * 2**20), compression, overlap=overlap)
 
+    def summary(self) -> dict:
+        """How the gradients were summed: buckets, overlap with backward, their type on the wire."""
+        grads = self.grads
+        wire = sorted({str(b.wire.dtype).removeprefix("torch.") for b in grads.buckets})
+        return {"grad_sync": {"buckets": len(grads.buckets), "overlap": grads.overlap, "wire": wire}}
+
     @contextmanager
     def no_sync(self) -> Iterator[None]:
         """Accumulate gradients locally: backward inside this block communicates nothing."""

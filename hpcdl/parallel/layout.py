@@ -24,12 +24,6 @@ from hpcdl.parallel.grid import Grid
 SPLIT_AXIS = {"pipeline": ("stage", "stages"), "tensor": ("tensor", "tensor")}
 # Parameter-server modes: the first `parallel.servers` ranks hold the parameters; the others split the batch.
 SERVER_MODES = ("ps-sync", "ps-async")
-# Keys that mean something in some modes only: set in another mode, they are refused rather than ignored.
-MODE_KEYS = {
-    "stages": ("pipeline",), "replicas": ("pipeline", "tensor"), "tensor": ("tensor",),
-    "local_steps": ("local-sgd",), "post_local_steps": ("local-sgd",), "average_optimizer": ("local-sgd",),
-    "servers": SERVER_MODES, "max_staleness": ("ps-async",), "deterministic": ("ps-async",), "zero_stage": ("zero",),
-}  # fmt: skip
 # Layers allowed between a column- and a row-parallel Linear: elementwise, without parameters or randomness.
 ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.Identity)
 
@@ -73,13 +67,7 @@ class Layout:
     @classmethod
     def from_config(cls, cfg: Config, world_size: int) -> Layout:
         """The layout the config asks for on `world_size` ranks; a ConfigError says what would work."""
-        par, default = cfg.parallel, type(cfg.parallel)()
-        for key, modes in MODE_KEYS.items():
-            if par.mode not in modes and getattr(par, key) != getattr(default, key):
-                raise ConfigError(
-                    f"config: parallel.{key} is only used with parallel.mode = "
-                    + " or ".join(f"'{mode}'" for mode in modes)
-                )
+        par = cfg.parallel  # a key of another mode was refused by config.check (its read_when)
         if par.mode == "ps-async":
             # Each gradient is applied alone as it arrives: a whole-batch norm, loss scale or sum does not exist.
             for name, value, off in (("train.clip_grad_norm", cfg.train.clip_grad_norm, 0.0),

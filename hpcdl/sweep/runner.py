@@ -2,10 +2,15 @@
 contained sub-communicator with the one training engine; trials handed out as groups free up.
 
 A group's leader claims the next trial with an atomic fetch-and-add on a counter in world rank 0's memory
-(no rank serves the queue) and tells its group. A failure a group's ranks agree on (a bad value, a NaN,
-a step that raised on one rank: see `World.contained`) ends that trial only; it is recorded and the group
-takes the next one. A dead rank still ends the job (the MPI contract); `--resume auto` skips finished
-trials and continues unfinished ones from their checkpoints.
+(no rank serves the queue) and tells its group. Before each claim the group agrees whether a stop signal came
+(SIGTERM/SIGUSR1/SIGINT: the sweep catches them between trials, a trial's training while it runs); a group
+that stops raises a second counter, so every group stops at its next claim instead of starting a trial.
+
+A failure a group's ranks agree on (a set-up check, a NaN, a step that raised on one rank: see
+`World.contained`) ends that trial only; it is recorded and the group takes the next one. (Every trial's
+config is loaded before the first starts: a bad key or value refuses the sweep.) A dead rank still ends the
+job (the MPI contract); `--resume auto` skips finished trials and continues unfinished ones from their
+checkpoints.
 
 Successive halving (`halving = R`): every trial trains `min_epochs`, the best 1/R go on for R times as
 many epochs (resumed from their checkpoints), and so on up to the config's `train.epochs`.
@@ -18,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +33,15 @@ import numpy as np
 
 from hpcdl import config
 from hpcdl.comm import World
+from hpcdl.data.schema import validate
 from hpcdl.errors import ConfigError, HpcdlError, TrialFailed
 from hpcdl.faults import Injector
 from hpcdl.infer.schedule import SharedCounters
+from hpcdl.parallel.loss import make_objective
+from hpcdl.resilience import StopSignals
 
 NEXT_TRIAL = 0  # the counter slot groups claim trials from
+STOP = 1  # the counter slot a stopping group raises: every group stops at its next claim
 RESULT = "result.json"
 
 
@@ -73,42 +83,116 @@ def budgets(plan: Plan, epochs: int) -> list[int]:
     return [*rounds, epochs]
 
 
-def split_groups(world: World, groups: int) -> World:
-    """This rank's group: world ranks cut into `groups` equal consecutive blocks, as a contained world."""
-    if groups < 1 or world.size % groups:
+def check_groups(ranks: int, groups: int) -> None:
+    """--groups must cut the job's ranks into equal groups."""
+    if groups < 1 or ranks % groups:
         raise ConfigError(
-            f"--groups {groups}: the job's {world.size} ranks do not split into {groups} equal groups; "
-            f"use a divisor of {world.size}"
+            f"--groups {groups}: the job's {ranks} ranks do not split into {groups} equal groups; "
+            f"use a divisor of {ranks}"
         )
+
+
+def split_groups(world: World, groups: int) -> World:
+    """This rank's group (see `check_groups`): world ranks cut into `groups` equal consecutive blocks, as a
+    contained world."""
     per_group = world.size // groups
     return dataclasses.replace(world.split(world.rank // per_group), contained=True)
+
+
+def trial_settings(sets: list[str], overrides: dict[str, str]) -> list[str]:
+    """A trial's --set list: the base overrides, then the trial's values."""
+    return [*sets, *(f"{k}={v}" for k, v in overrides.items())]
+
+
+def trial_configs(base: str, sets: list[str], trials: list[dict[str, str]]) -> list[config.Config]:
+    """Each trial's config, loaded as its run loads it: a bad key or value is one line naming the trial, before
+    any trial starts."""
+    configs = []
+    for index, overrides in enumerate(trials):
+        try:
+            configs.append(config.load(base, trial_settings(sets, overrides)))
+        except ConfigError as exc:
+            shown = " ".join(f"{k}={v}" for k, v in overrides.items())
+            raise ConfigError(f"trial {index} ({shown}): {exc}") from None
+    return configs
+
+
+def produced_metrics(configs: list[config.Config]) -> list[str]:
+    """The metrics every trial's epoch records hold: its data file's task decides (only the header is read)."""
+    produced: list[str] | None = None
+    for path in dict.fromkeys(cfg.data.path for cfg in configs):
+        names = make_objective(validate(path, splits=()).task).metric_names()
+        produced = names if produced is None else [name for name in produced if name in names]
+    return produced or []
+
+
+class SweepSignals(StopSignals):
+    """The sweep's stop signals, caught between trials (a trial's training installs its own while it runs)."""
+
+    def pending(self) -> bool:
+        """Whether a stop signal came: to the sweep, or to a trial after its last step's verdict (that trial's
+        handlers then stay in place of ours: see StopSignals.uninstall)."""
+        displaced = bool(self.previous) and signal.getsignal(signal.SIGTERM) != self._on_signal
+        return bool(self.received) or displaced
 
 
 def run_sweep(world: World, plan: Plan, epochs: int, on_result=None) -> tuple[list[dict[str, Any] | None], bool]:
     """Train every trial of `plan` (rounds of successive halving if asked). Returns every trial's result (None
     for one not trained) on every rank, and whether a stop signal ended the sweep early."""
-    group = world.agree(lambda: split_groups(world, plan.groups))
-    todo, stopped = list(range(len(plan.trials))), False
+    group = split_groups(world, plan.groups)
+    signals = SweepSignals()
+    signals.install()
+    try:
+        stopped = run_rounds(world, group, plan, epochs, signals, on_result)
+    finally:
+        signals.uninstall()  # after a stop its handlers stay: a second signal ends the rank at once
+    everything = [read_result(plan.out, i) for i in range(len(plan.trials))] if world.is_root else None
+    return world.comm.bcast(everything, root=0), stopped
+
+
+def run_rounds(world: World, group: World, plan: Plan, epochs: int, signals: SweepSignals, on_result) -> bool:
+    """The rounds of the sweep (one without halving); whether a stop signal ended them early."""
+    todo = list(range(len(plan.trials)))
     for budget in budgets(plan, epochs):
         counters = SharedCounters(world.comm)
-        while not stopped:
-            claim = counters.add(NEXT_TRIAL, 1) if group.is_root else None
-            claim = group.comm.bcast(claim, root=0)
-            if claim >= len(todo):
-                break
-            result = run_trial(group, plan, todo[claim], budget)
-            stopped = result["status"] == "stopped"  # the signal reached every rank: each group stops
-            if on_result is not None and group.is_root:
-                on_result(result)
+        stopped = run_round(group, plan, todo, budget, counters, signals, on_result)
         counters.close()  # collective over the world: every group is done with this round
-        stopped = bool(world.allreduce_max(np.array([float(stopped)]))[0])
-        if stopped:
-            break
+        if world.allreduce_max(np.array([float(stopped)]))[0]:
+            return True
         results = world.comm.bcast([read_result(plan.out, i) for i in todo] if world.is_root else None, root=0)
         if budget != epochs:
             todo = survivors(plan, todo, results)
-    everything = [read_result(plan.out, i) for i in range(len(plan.trials))] if world.is_root else None
-    return world.comm.bcast(everything, root=0), stopped
+    return False
+
+
+def run_round(
+    group: World, plan: Plan, todo: list[int], budget: int, counters: SharedCounters, signals: SweepSignals, on_result
+) -> bool:
+    """This group's trials of one round, claimed one at a time until none is left; whether the sweep stops."""
+    stopping = False
+    while True:
+        # Agreed by the group before its leader claims: no rank leaves while another starts a trial.
+        stopping = stopping or bool(group.allreduce_max(np.array([float(signals.pending())]))[0])
+        claim = group.comm.bcast(claim_next(counters, stopping) if group.is_root else None, root=0)
+        if claim is None:
+            return True
+        if claim >= len(todo):
+            return False
+        result = run_trial(group, plan, todo[claim], budget)
+        stopping = result["status"] == "stopped"  # the signal reached every rank of the group
+        if on_result is not None and group.is_root:
+            on_result(result)
+
+
+def claim_next(counters: SharedCounters, stopping: bool) -> int | None:
+    """The group leader's claim: the next trial's place in the round, or None when the sweep stops (this group
+    was signalled, or another group raised STOP)."""
+    if stopping:
+        counters.add(STOP, 1)
+        return None
+    if counters.add(STOP, 0):
+        return None
+    return counters.add(NEXT_TRIAL, 1)
 
 
 def survivors(plan: Plan, todo: list[int], results: list[dict[str, Any] | None]) -> list[int]:
@@ -131,7 +215,7 @@ def run_trial(group: World, plan: Plan, index: int, epochs: int) -> dict[str, An
         return recorded  # finished before (a resumed sweep), or failed: not tried again
     folder = trial_dir(plan.out, index)
     overrides = plan.trials[index]
-    sets = [*plan.sets, *(f"{k}={v}" for k, v in overrides.items()), f"run.dir='{folder}'", "run.progress=false"]
+    sets = [*trial_settings(plan.sets, overrides), f"run.dir='{folder}'", "run.progress=false"]
     sets.append(f"train.epochs={epochs}")
     began, status, error, stopped = time.perf_counter(), "ok", None, False
     try:

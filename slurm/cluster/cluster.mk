@@ -18,12 +18,12 @@ cluster-down:  ## stop every process the cluster started and remove its namespac
 SCALE_LINKS ?= 1gbit 100mbit
 CLUSTER_RUN = SLURM_CONF=$(abspath $(or $(HPCDL_CLUSTER_DIR),.cluster))/slurm.conf PATH=$(CURDIR)/$(BIN):$$PATH salloc -Q -N2
 scale-cluster: $(STAMP)
-	$(PY) -m hpcdl data make synthetic --n 20000 --no-progress --out datasets/scale-synthetic.h5
+	$(PY) -m hpcdl data make synthetic --n 20000 --no-progress --overwrite --out datasets/scale-synthetic.h5
 	mkdir -p docs/scaling/cluster
 	for link in $(SCALE_LINKS); do \
 	  NODES=2 LINK=$$link $(CLUSTER_DIR)up.sh && rm -rf runs/scale-cluster-$$link && \
 	  $(CLUSTER_RUN) $(PY) -m hpcdl bench comm --launcher srun --per-node 1 --max-bytes 4194304 --max-calls 200 \
-	    --json docs/scaling/cluster/comm-$$link.json && \
+	    --json docs/scaling/cluster/comm-$$link.json --overwrite && \
 	  $(CLUSTER_RUN) $(PY) -m hpcdl scale run --config synthetic-mlp --label "2 nodes, $$link" \
 	    --set data.path=datasets/scale-synthetic.h5 --set 'model.hidden=[256,256]' --set parallel.overlap=false \
 	    --launcher srun --per-node 1 --ranks 1,2 --repeats 5 --steps 30 --warmup 5 --no-report \
@@ -42,6 +42,6 @@ strategies-cluster: $(STAMP)
 	  NODES=2 LINK=$$link $(CLUSTER_DIR)up.sh && \
 	  $(CLUSTER_RUN) $(PY) -m hpcdl bench strategies --launcher mpiexec --per-node 1 --ranks 2 --batch 96 \
 	    --set 'model.hidden=[256,256]' --epochs 8 --repeats 3 --target 0.95 \
-	    --comm docs/scaling/cluster/comm-$$link.json --json docs/strategies/cluster-$$link.json || exit 1; \
+	    --comm docs/scaling/cluster/comm-$$link.json --json docs/strategies/cluster-$$link.json --overwrite || exit 1; \
 	done
 	NODES=2 LINK= $(CLUSTER_DIR)up.sh

@@ -31,6 +31,7 @@ CALLS: dict[str, Callable[[], object]] = {
     "fit model": lambda: hpcdl.fit(None, MISSING),
     "fit data_path": lambda: hpcdl.fit(model(), 3),
     "fit lr": lambda: hpcdl.fit(model(), MISSING, lr=float("nan")),
+    "fit model without parameters": lambda: hpcdl.fit(nn.Flatten(), MISSING),
     "open path": lambda: hpcdl.data.open(None),
     "open split": lambda: hpcdl.data.open(MISSING, "test"),
     "open seed": lambda: hpcdl.data.open(MISSING, seed=-1),

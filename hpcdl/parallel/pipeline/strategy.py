@@ -90,6 +90,7 @@ class Pipeline(Strategy):
         self.split_group = self.pipe  # each stage holds its own layers
         self.stage_index, self.stages, self.micro, self.kind = self.grid.coord("stage"), stages, micro_batches, schedule
         bounds = [*starts, len(named)]
+        self.stage_starts = list(starts)  # where each stage begins (the same on every rank): the run summary says it
         self.layer_range = (bounds[self.stage_index], bounds[self.stage_index + 1])
         # Keeping the original names makes the stage's state_dict keys those of the unsplit model.
         own = named[self.layer_range[0] : self.layer_range[1]]
@@ -251,6 +252,10 @@ class Pipeline(Strategy):
         if self.send_act is not None:
             self.send_act.wait()
         return StepResult.from_vector(stats)
+
+    def summary(self) -> dict:
+        """Where the model was cut, and the schedule that ran it."""
+        return {"pipeline": {"stage_starts": self.stage_starts, "micro_batches": self.micro, "schedule": self.kind}}
 
     def split_param_ids(self) -> set[int]:
         """Every parameter: this stage's layers are its own, the other stages hold the rest."""
