@@ -34,6 +34,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check hpcdl tests
 	$(BIN)/ruff format --check hpcdl tests
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format hpcdl tests

@@ -21,14 +21,14 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from hpcdl import checkpoint, data, horovod, metrics
-    from hpcdl.api import DataParallel, fit, init
-    from hpcdl.comm import World
+    from hpcdl.api import DataParallel, fit
+    from hpcdl.comm import World, init
     from hpcdl.infer.engine import predict
     from hpcdl.parallel.pipeline import Pipeline
 
 # Public name -> (module, attribute); resolved lazily by __getattr__.
 _EXPORTS = {
-    "init": ("hpcdl.api", "init"),
+    "init": ("hpcdl.comm", "init"),
     "DataParallel": ("hpcdl.api", "DataParallel"),
     "fit": ("hpcdl.api", "fit"),
     "predict": ("hpcdl.infer.engine", "predict"),

@@ -16,23 +16,11 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from hpcdl import comm
-from hpcdl.comm import World
+from hpcdl.comm import World, init
 from hpcdl.config import ABOVE_ZERO, COMPRESSIONS, Config, check_choice, check_flag, check_number, check_path
 from hpcdl.errors import ConfigError
 from hpcdl.parallel.data import broadcast_module
 from hpcdl.parallel.grad_sync import GradSync
-
-
-def init(verbose: bool = False, threads: int | None = None) -> World:
-    """Start MPI once and return this rank's World; an uncaught exception on any rank then ends every rank.
-
-    The World has `rank`, `size`, `local_rank`, `local_size`, `node`, `num_nodes`, `comm`
-    (the mpi4py communicator), `split(color)` for sub-communicators, `log(message)` (rank 0
-    speaks) and `agree(fn)` (run fn everywhere; if it fails anywhere, every rank exits with
-    its message). Later calls return the same World, the one every part of hpcdl uses.
-    """
-    return comm.init(verbose=verbose, threads=threads)
 
 
 class DataParallel(nn.Module):

@@ -120,6 +120,8 @@ def setting(default: Any, read: ReadWhen) -> Any:
     return field(default=default, metadata=_meta(None, read))
 
 
+# How rows are dealt to ranks (hpcdl.data.partition makes each); "columns" is the old spelling of parallel.mode.
+PARTITIONS = ("global", "block", "chunked")
 CHUNKED = read_when("data.partition", "chunked")
 
 
@@ -139,7 +141,7 @@ class DataConfig:
 
     def check(self) -> None:
         _need(bool(self.path), "data.path", "must name an HDF5 file (see datasets/README.md)")
-        _choice("data.partition", self.partition, ("global", "block", "chunked", "columns"))
+        _choice("data.partition", self.partition, (*PARTITIONS, "columns"))
 
 
 # The built-in model families (hpcdl.models builds them and asserts the two lists are equal).

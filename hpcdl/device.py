@@ -1,28 +1,22 @@
-"""Where a rank computes (`train.device`: auto | cpu | cuda) and how its tensors reach MPI.
+"""Where a rank computes (`train.device`: auto | cpu | cuda), and its batches' way to the GPU.
 
 Each rank takes one GPU: its node-local rank's among the GPUs it sees (one, when the launcher
-bound it, as `slurm/train-gpu.sbatch` does). MPI reads GPU memory directly only when the MPI
-library is CUDA-aware (asked of the library itself, or `HPCDL_CUDA_AWARE_MPI=0|1`); otherwise a
-`Transport` stages each buffer through pinned host memory with copies on a side stream, so a
-bucket's copy overlaps the next bucket's backward. On CPU the same code runs with plain copies,
-which is how the staging path is tested without a GPU.
+bound it, as `slurm/train-gpu.sbatch` does). How its tensors reach MPI (`Transport`, CUDA-aware
+detection) is the communication layer's (`hpcdl.comm.transport`); the names stay importable from here.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import lru_cache
 
 import torch
 
+from hpcdl.comm import World, transport
+from hpcdl.comm.transport import CUDA_AWARE_ENV, Transport, cuda_aware_mpi  # noqa: F401 - hpcdl.device's names still
 from hpcdl.config import DEVICES
 from hpcdl.errors import ConfigError, HpcdlError
 
 CPU = torch.device("cpu")
-CUDA_AWARE_ENV = "HPCDL_CUDA_AWARE_MPI"  # 1: hand GPU buffers to MPI; 0: stage every buffer through a host copy
 
 
 def visible_gpus() -> int:
@@ -69,116 +63,6 @@ def describe(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
     return f"{device} ({torch.cuda.get_device_name(device)})"
-
-
-@lru_cache(maxsize=1)
-def cuda_aware_mpi() -> bool:
-    """Whether the MPI library reads and writes GPU memory (its own query; `HPCDL_CUDA_AWARE_MPI` overrides)."""
-    override = os.environ.get(CUDA_AWARE_ENV, "").strip()
-    if override in ("0", "1"):
-        return override == "1"
-    from mpi4py import MPI
-
-    try:
-        library = ctypes.CDLL(MPI.__file__)  # its symbols include the MPI library it links
-    except OSError:
-        return False
-    query = getattr(library, "MPIX_Query_cuda_support", None)  # Open MPI, and MPICH since 4.0
-    if query is not None and query() == 1:
-        return True
-    gpu_query = getattr(library, "MPIX_GPU_query_support", None)  # MPICH: (MPIX_GPU_SUPPORT_CUDA = 0, &flag)
-    if gpu_query is not None:
-        supported = ctypes.c_int(0)
-        if gpu_query(0, ctypes.byref(supported)) == 0 and supported.value:
-            return True
-    return False
-
-
-class Transport:
-    """How tensors on `device` reach MPI: as they are (CPU; a GPU with CUDA-aware MPI) or staged through host memory.
-
-    Staged, `to_host` copies on a side stream and returns an event to poll, and `from_host` copies back on
-    the same stream with the compute stream made to wait; on CPU (`staged` forced, for tests) the copies are
-    plain and immediate. Direct on a GPU, `to_host` returns an event on the compute stream: MPI may read
-    the buffer once the kernels that wrote it have finished.
-    """
-
-    def __init__(self, device: torch.device, staged: bool | None = None):
-        self.device = device
-        gpu = device.type == "cuda"
-        if staged is None:  # HPCDL_CUDA_AWARE_MPI=0 stages on any device: how tests run the GPU path on CPU
-            staged = os.environ.get(CUDA_AWARE_ENV, "").strip() == "0" or (gpu and not cuda_aware_mpi())
-        self.staged = staged
-        self.stream = torch.cuda.Stream(device) if gpu and self.staged else None
-
-    @property
-    def name(self) -> str:
-        """'host' (CPU), 'direct' (CUDA-aware MPI) or 'staged' (pinned host copies): for the summary."""
-        if self.staged:
-            return "staged"
-        return "direct" if self.device.type == "cuda" else "host"
-
-    def mirror(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The tensor MPI works on for `tensor`: itself, or a host buffer of its shape (pinned beside a GPU)."""
-        if not self.staged:
-            return tensor
-        return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.stream is not None)
-
-    def to_host(self, tensor: torch.Tensor, mirror: torch.Tensor) -> torch.cuda.Event | None:
-        """Start making `tensor`'s values readable by MPI in `mirror`; an event to poll, or None when already so."""
-        if self.device.type != "cuda":
-            if mirror is not tensor:
-                mirror.copy_(tensor)
-            return None
-        done = torch.cuda.Event()
-        if self.stream is None:
-            done.record(torch.cuda.current_stream(self.device))
-            return done
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            mirror.copy_(tensor, non_blocking=True)
-            done.record(self.stream)
-        return done
-
-    @staticmethod
-    def ready(event: torch.cuda.Event | None) -> bool:
-        """Whether MPI may read the buffer now."""
-        return event is None or event.query()
-
-    @staticmethod
-    def wait(event: torch.cuda.Event | None) -> None:
-        """Block until MPI may read the buffer."""
-        if event is not None:
-            event.synchronize()
-
-    def from_host(self, mirror: torch.Tensor, tensor: torch.Tensor) -> None:
-        """Put what MPI wrote into `mirror` back into `tensor`, before any later work on the compute stream."""
-        if mirror is tensor:
-            return
-        if self.stream is None:
-            tensor.copy_(mirror)
-            return
-        with torch.cuda.stream(self.stream):
-            tensor.copy_(mirror, non_blocking=True)
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
-
-    @contextmanager
-    def for_mpi(self, tensor: torch.Tensor, *, read: bool = True, write: bool = True) -> Iterator[torch.Tensor]:
-        """A blocking collective's view of `tensor`: its values in (`read`), MPI's results back out (`write`)."""
-        mirror = self.mirror(tensor)
-        if read:
-            self.wait(self.to_host(tensor, mirror))
-        elif self.device.type == "cuda" and mirror is tensor:
-            torch.cuda.current_stream(self.device).synchronize()  # nothing pending may write it under MPI
-        yield mirror
-        if write:
-            self.from_host(mirror, tensor)
-
-
-@lru_cache(maxsize=8)
-def transport(device: torch.device) -> Transport:
-    """The one transport of a device in this process (its side stream shared by every user)."""
-    return Transport(device)
 
 
 class BatchCopier:
@@ -236,9 +120,9 @@ def to_cpu(value):
     return value
 
 
-def placement(world, device: torch.device) -> str:
+def placement(world: World, device: torch.device) -> str:
     """Where the ranks compute, said once at start (a collective): '' when every rank is on the CPU."""
-    described = world.comm.allgather(describe(device))
+    described = world.allgather(describe(device))
     if all(d == "cpu" for d in described):
         return ""
     ranks = ", ".join(f"rank {r} {d}" for r, d in enumerate(described))
@@ -250,11 +134,11 @@ def placement(world, device: torch.device) -> str:
     return f"devices: {ranks}; {how}"
 
 
-def device_summary(world, device: torch.device) -> dict:
+def device_summary(world: World, device: torch.device) -> dict:
     """The run summary's proof of where it ran (a collective): each rank's device, transport and peak GPU memory."""
     gpu = device.type == "cuda"
     mine = (describe(device), torch.cuda.max_memory_allocated(device) / 2**20 if gpu else 0.0)
-    every = world.comm.allgather(mine)
+    every = world.allgather(mine)
     figures = {"device": device.type, "mpi_transport": transport(device).name}
     if any(d != "cpu" for d, _ in every):
         figures["devices"] = [d for d, _ in every]

@@ -84,7 +84,7 @@ def resource_figures(world: World, threads: int) -> dict[str, Any]:
         "nodes": world.num_nodes,
         "cores_per_node": cores,
         "oversubscribed": bool(world.allreduce_max(np.array([float(world.local_size * threads > cores)]))[0]),
-        "peak_rss_mb": [round(m, 1) for m in world.comm.allgather(peak)],
+        "peak_rss_mb": [round(m, 1) for m in world.allgather(peak)],
     }
 
 
@@ -260,7 +260,7 @@ def run_summary(world: World, clock: StepClock, history: dict[str, Any], elapsed
         "ms_per_step": figures["ms_per_step"],
         **run,
         **resource_figures(world, threads),
-        "param_digests": world.comm.allgather(digest),
+        "param_digests": world.allgather(digest),
     }
     split = figures["ms_per_step"]
     world.log(

@@ -116,6 +116,16 @@ def _writable(out: Path) -> None:
         raise HpcdlError(f"{out}: folder not writable: choose another with --out")
 
 
+def pyplot():
+    """matplotlib's pyplot drawing to files only (the Agg backend: no display needed); ImportError without it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None, overwrite: bool = False) -> list[Path]:
     """Write loss.png, metrics.png and lr.png (those with data) of a run folder into `out` (default: the run's);
     a PNG already there is replaced only with `overwrite`."""
@@ -130,9 +140,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, overwrite: bool
     if not shown:
         raise DataError(f"{path}: no epoch or step records to plot: let the run finish an epoch first")
     try:
-        from hpcdl.scale.report import _pyplot
-
-        plt = _pyplot()
+        plt = pyplot()
     except ImportError:
         raise HpcdlError("hpcdl plot needs matplotlib: pip install 'hpcdl[plots]'") from None
     target = Path(out) if out is not None else run_dir

@@ -19,9 +19,6 @@ import torch
 from hpcdl import checkpoint, distill, outputs, rundir
 from hpcdl.comm import World
 from hpcdl.config import Config
-from hpcdl.data.chunked import block_rows_of
-from hpcdl.data.loader import Loader, SplitReader
-from hpcdl.data.partition import DataShare, Partition
 from hpcdl.data.schema import DatasetInfo, validate
 from hpcdl.device import CPU, run_device
 from hpcdl.errors import ConfigError, HpcdlError
@@ -96,7 +93,7 @@ def prepare(
     `model` is a user's own network and `loss_fn` their loss (hpcdl.fit); otherwise the config's are used.
     """
     info = world.agree(lambda: validate(cfg.data.path, scan=cfg.data.scan) if world.is_root else None)
-    info = world.comm.bcast(info, root=0)
+    info = world.bcast(info, root=0)
     notes: list[str] = [*cfg.notes, *info.warnings]  # deprecated keys, data warnings, ...: said aloud below
     if cfg.data.scan:  # what the scan found is said too: a check that passed in silence cannot be told from none
         notes.append(f"data.scan: no NaN or Inf in the features of {', '.join(f'/{s}' for s in info.sizes)}")
@@ -131,7 +128,7 @@ def prepare(
         return setup
 
     setup = world.agree(build_rank_parts)
-    setup.move_aside = world.comm.bcast(setup.move_aside, root=0)
+    setup.move_aside = world.bcast(setup.move_aside, root=0)
     setup.lock = world.agree(lambda: claim_run_folder(cfg, setup) if world.is_root else None)
     for note in notes:
         world.log(f"hpcdl: {note}")
@@ -147,29 +144,6 @@ def initial_weights(target: str, notes: list[str]) -> tuple[Path, dict[str, Any]
         raise HpcdlError(f"{where}: {path} holds no model weights")
     notes.append(f"starting from the weights of {path} (train.init)")
     return path, state
-
-
-def make_loaders(
-    cfg: Config, world: World, info: DatasetInfo, share: DataShare, device: torch.device = CPU
-) -> tuple[Loader, Loader]:
-    """Train and validation loaders for this rank's share of every global batch (its columns only, if set), on
-    `device`."""
-    budget, dtype = cfg.data.cache_mb * 2**20, torch_dtype(cfg.model.dtype)
-    val_part = Partition(info.sizes["val"], cfg.train.batch_size, share.rank, share.size, 0, shuffle=False)
-
-    def loader(split: str, part: Partition) -> Loader:
-        reader = SplitReader(cfg.data.path, split, part.owned_range(), budget, share.columns, blocks=part.read_blocks())
-        return Loader(reader, part, cfg.data.prefetch, dtype, device=device)
-
-    def loaders() -> tuple[Loader, Loader]:
-        train_part = Partition(
-            info.sizes["train"], cfg.train.batch_size, share.rank, share.size, cfg.train.seed, cfg.data.partition,
-            drop_last=cfg.data.drop_last, window_blocks=cfg.data.window_blocks,
-            block_rows=block_rows_of(cfg.data.path, "train", cfg.data.block_rows),
-        )  # fmt: skip
-        return loader("train", train_part), loader("val", val_part)
-
-    return world.agree(loaders)
 
 
 def build_model(cfg: Config, info: DatasetInfo, layout: Layout, world: World) -> torch.nn.Module:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hpcdl.comm import EXIT_REQUEUE, World, mpi
+from hpcdl.comm import EXIT_REQUEUE, World
 from hpcdl.errors import TrialFailed
 from hpcdl.parallel.strategy import Strategy
 from hpcdl.precision import LossScaler
@@ -145,10 +145,10 @@ class StepGuard:
         self.flags[0] = self.signals.received
         self.flags[1] = self.world.size - self.world.rank if not math.isfinite(loss_sum) else 0
         self.flags[2] = grad_bad
-        self.world.comm.Allreduce(mpi().IN_PLACE, self.flags, op=mpi().MAX)
+        self.world.allreduce_(self.flags, "max")
         if self.flags[3]:  # every rank saw it: the message's broadcast is matched everywhere
             failed_rank = self.world.size - int(self.flags[3])
-            raise TrialFailed(f"rank {failed_rank}: {self.world.comm.bcast(self.failure, root=failed_rank)}")
+            raise TrialFailed(f"rank {failed_rank}: {self.world.bcast(self.failure, root=failed_rank)}")
         stop_signal = signal.Signals(int(self.flags[0])).name if self.flags[0] else None
         if not (self.flags[1] or self.flags[2]):
             self.scaler.update(overflowed=False)
@@ -166,7 +166,7 @@ class StepGuard:
         if self.flags[1]:
             # Every rank reached this verdict together, so this extra collective is matched everywhere.
             note = self._batch_note(rows) if self.world.rank == bad_rank else None
-            cause += self.world.comm.bcast(note, root=bad_rank)
+            cause += self.world.bcast(note, root=bad_rank)
         if self.nan_policy == "abort":
             self.world.fail_all(f"{cause}; set run.nan_policy = 'skip' to skip such steps")
         self.world.log(f"hpcdl: step {step} skipped on all ranks: {cause} ({skipped + 1} skipped so far)")
@@ -190,14 +190,14 @@ class StepGuard:
             return
         sums = np.array([bit_sum(p.detach()) for p in self.strategy.params], dtype=np.int64)
         both = np.concatenate([sums, -sums])
-        self.world.comm.Allreduce(mpi().IN_PLACE, both, op=mpi().MAX)
+        self.world.allreduce_(both, "max")
         highest, lowest = both[: len(sums)], -both[len(sums) :]
         differing = np.flatnonzero(highest != lowest)
         if len(differing) == 0:
             return
         first = int(differing[0])
         # Every rank saw the same difference, so this extra collective is matched everywhere.
-        per_rank = self.world.comm.allgather(int(sums[first]))
+        per_rank = self.world.allgather(int(sums[first]))
         odd = [r for r, value in enumerate(per_rank) if value != per_rank[0]]
         self.world.fail_all(
             f"replicas diverged at step {step}: first differing tensor {self.names[first]} "

@@ -78,23 +78,22 @@ def clock_offset(world: World, exchanges: int = PING_PONGS) -> float:
     rank's clock minus the midpoint of rank 0's send and receive times, from the
     exchange with the shortest round trip (the least disturbed by scheduling).
     """
-    comm = world.comm
     offset = 0.0
     for peer in range(1, world.size):
         if world.rank == 0:
             best = (float("inf"), 0.0)
             for _ in range(exchanges):
                 sent = clock()
-                comm.send(None, dest=peer, tag=77)
-                theirs = comm.recv(source=peer, tag=78)
+                world.send(None, dest=peer, tag=77)
+                theirs = world.recv(peer, tag=78)
                 back = clock()
                 best = min(best, (back - sent, theirs - (sent + back) / 2))
-            comm.send(best[1], dest=peer, tag=79)
+            world.send(best[1], dest=peer, tag=79)
         elif world.rank == peer:
             for _ in range(exchanges):
-                comm.recv(source=0, tag=77)
-                comm.send(clock(), dest=0, tag=78)
-            offset = comm.recv(source=0, tag=79)
+                world.recv(0, tag=77)
+                world.send(clock(), dest=0, tag=78)
+            offset = world.recv(0, tag=79)
     return offset
 
 
@@ -125,7 +124,7 @@ def finish(world: World, path: str | Path) -> int:
     """Stop tracing, merge every rank's events on rank 0 and write the trace; returns the event count."""
     tracer = stop() or Tracer()
     offset = clock_offset(world)
-    gathered = world.comm.gather((tracer.events, offset, os.uname().nodename), root=0)
+    gathered = world.gather((tracer.events, offset, os.uname().nodename), root=0)
     if not world.is_root:
         return 0
     starts = [began - off for events, off, _ in gathered for _, began, _, _ in events]

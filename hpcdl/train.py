@@ -1,7 +1,8 @@
 """The one training loop: epochs, steps, the sync point, evaluation, logging, checkpoints. Strategy-agnostic.
 
 `preflight.prepare` checks everything on every rank before the first collective that depends on it;
-`train` then runs the loop, which knows the work's split only through `Strategy`.
+`set_up` then builds the loop's collaborators (a `Loop`) and `run` drives them: `train_epochs`, `train_epoch`,
+and `take_step`, the body of one step. The loop knows the work's split only through `Strategy`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,15 +22,16 @@ from hpcdl.comm import World
 from hpcdl.compress.prune import Pruner
 from hpcdl.config import Config, TrainConfig
 from hpcdl.data.loader import Batch, Loader
+from hpcdl.data.loaders import make_loaders
 from hpcdl.device import device_summary, placement, to_cpu
 from hpcdl.errors import HpcdlError, TrialFailed
 from hpcdl.faults import Injector
-from hpcdl.metrics import CsvLog, JsonlLog, PhaseTimer, StepClock, TensorBoardLog, run_summary, strict_json
+from hpcdl.metrics import CsvLog, JsonlLog, StepClock, TensorBoardLog, run_summary, strict_json
 from hpcdl.parallel import make_strategy
 from hpcdl.parallel.loss import LossFn, Objective
 from hpcdl.parallel.strategy import StepResult, Strategy
 from hpcdl.precision import LossScaler
-from hpcdl.preflight import RunState, Setup, dataset_identity, make_loaders, prepare, undo_fresh_run
+from hpcdl.preflight import RunState, Setup, dataset_identity, prepare, undo_fresh_run
 from hpcdl.progress import Progress
 from hpcdl.resilience import StepGuard, Verdict
 from hpcdl.schedule import make_scheduler
@@ -123,8 +125,45 @@ def train(
             setup.lock.release()
 
 
-def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts: UserParts) -> dict[str, Any]:
-    """The loop over epochs and steps, from the position `setup` holds, to the summary."""
+@dataclass
+class Loop:
+    """The training loop's collaborators, built once by `set_up`; `watch` adds the watchdog and the checkpoints it
+    watches just before the first step."""
+
+    cfg: Config
+    world: World
+    setup: Setup
+    strategy: Strategy
+    train_loader: Loader
+    val_loader: Loader
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    state: RunState
+    best: BestEpoch
+    scaler: LossScaler
+    faults: Injector
+    guard: StepGuard
+    log: JsonlLog
+    steps_log: StepLog
+    clock: StepClock
+    last_step: int  # the global step the run ends at
+    pruner: Pruner | None
+    watchdog: Watchdog = field(init=False)
+    saving: Saving = field(init=False)
+
+    def watch(self) -> None:
+        """Start the watchdog (a collective: every rank builds it at this point of the run) and the checkpoints."""
+        self.watchdog = Watchdog(self.world, self.cfg.run.watchdog_s, self.clock.timer)
+        self.saving = Saving(
+            self.cfg, self.world, self.strategy, self.optimizer, self.scheduler, self.state,
+            dataset_identity(self.setup.info), self.best, self.scaler, self.watchdog, self.faults,
+        )  # fmt: skip
+
+
+def set_up(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts: UserParts) -> Loop:
+    """The loop's collaborators at the position `setup` holds: the strategy, loaders, optimizer and schedule (restored
+    on a resume), loss scale, step guard, logs and pruner."""
     saved = setup.resume_state
     strategy = make_strategy(
         cfg, setup.layout, world, setup.model, setup.info.feature_shape, setup.weights, setup.objective,
@@ -135,109 +174,157 @@ def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts:
     optimizer = parts.optimizer(strategy.params) if parts.optimizer else build_optimizer(cfg.train, strategy.params)
     scheduler = build_scheduler(cfg, parts, optimizer, steps_per_epoch)
     restore(strategy, optimizer, scheduler, saved, cfg.parallel.accumulate_steps)
-    state, dataset = setup.position, dataset_identity(setup.info)
+    state = setup.position
     best = BestEpoch.from_config(cfg.run, saved and saved.get("best"))
     scaler = LossScaler.for_precision(cfg.train.precision, saved and saved.get("loss_scale"))
     faults = faults or Injector([], world.rank, world.size)
     guard = StepGuard(world, strategy, cfg.run.nan_policy, cfg.run.check_every, cfg.data.path, scaler)
     log = open_log(cfg, world, setup, state)
     steps_log = StepLog(cfg, world, strategy.objective, log, parts)
-
     clock = StepClock(cfg.run.timing_skip_steps)
     last_step = cfg.train.max_steps or state.global_step + state.steps_left(cfg.train.epochs, steps_per_epoch)
     # [prune]: masks kept after each step; a ramp the run never reaches is refused on every rank.
     pruner, ramp = world.agree(lambda: Pruner.for_run(cfg.prune, strategy, state.global_step, last_step))
     if ramp:
         world.log(ramp)
-    if state.global_step >= last_step:
-        return already_complete(cfg, world, state, log)
+    return Loop(
+        cfg, world, setup, strategy, train_loader, val_loader, steps_per_epoch, optimizer, scheduler, state, best,
+        scaler, faults, guard, log, steps_log, clock, last_step, pruner,
+    )  # fmt: skip
+
+
+def run(cfg: Config, world: World, setup: Setup, faults: Injector | None, parts: UserParts) -> dict[str, Any]:
+    """The loop over epochs and steps, from the position `setup` holds, to the summary."""
+    loop = set_up(cfg, world, setup, faults, parts)
+    if loop.state.global_step >= loop.last_step:
+        return already_complete(cfg, world, loop.state, loop.log)
     if world.is_root:  # an earlier leg's summary no longer describes the run: the new one is written at its end
         (Path(cfg.run.dir) / "summary.json").unlink(missing_ok=True)
-    began, history, stop_signal, stopped_early = time.perf_counter(), {}, None, False
-    watchdog = Watchdog(world, cfg.run.watchdog_s, clock.timer)
-    saving = Saving(cfg, world, strategy, optimizer, scheduler, state, dataset, best, scaler, watchdog, faults)
-    guard.signals.install()
+    began = time.perf_counter()
+    loop.watch()
+    loop.guard.signals.install()
     try:
-        while state.epoch < cfg.train.epochs and state.global_step < last_step and not (stop_signal or stopped_early):
-            sums = np.zeros(strategy.objective.width)
-            bar = Progress(
-                min(steps_per_epoch - state.step_in_epoch, last_step - state.global_step),
-                desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}", enabled=world.is_root and cfg.run.progress,
-            )  # fmt: skip
-            with bar:
-                clock.restart()
-                for batch in watched(train_loader, state, watchdog):
-                    clock.timer.add("data", batch.wait_s)
-                    sync, scale = accumulation_window(
-                        state.step_in_epoch, steps_per_epoch, cfg.parallel.accumulate_steps
-                    )
-                    result = rank_step(world, guard, faults, strategy, batch, state.global_step + 1, clock.timer,
-                                       sync, scale * scaler.scale)  # fmt: skip
-                    verdict, grad_norm, lr = Verdict(), None, optimizer.param_groups[0]["lr"]
-                    if sync:  # the sync point: gradients are summed; one small Allreduce for stop requests and NaN/Inf
-                        with clock.timer.phase("comm"):
-                            step = state.global_step + 1
-                            verdict = guard.after_sync(step, result.loss_sum, state.skipped_steps, rows=batch.indices)
-                        with clock.timer.phase("optimizer"):
-                            grad_norm = update(
-                                cfg, strategy, optimizer, scaler, verdict, steps_log.due(step), clock.timer
-                            )
-                            scheduler.step()  # the rate follows the position, a skipped step included
-                            if pruner:
-                                pruner.after_step(step)
-                    counted = result.vector(len(sums)) if verdict.apply else 0.0
-                    sums += counted
-                    steps_log.sums += counted
-                    state.skipped_steps += 0 if verdict.apply else 1
-                    state.advance()
-                    faults.step_end(state.global_step, strategy.params)
-                    if sync:
-                        guard.check_replicas(state.global_step)
-                    watchdog.end()
-                    clock.step_done(batch.global_count)
-                    if sync:
-                        steps_log.step_end(state, steps_per_epoch, lr, grad_norm)
-                    bar.postfix = f"loss={sums[0] / max(sums[-1], 1):.4f}"
-                    bar.update(1)
-                    if sync and cfg.run.checkpoint_every and state.global_step % cfg.run.checkpoint_every == 0:
-                        saving.save()
-                    stop_signal = verdict.stop_signal
-                    if stop_signal or state.global_step >= last_step:
-                        break
-            if stop_signal:
-                break  # no evaluation: checkpoint and go
-            epoch = state.end_epoch(steps_per_epoch)
-            with watchdog.watching(f"evaluation after epoch {epoch:g}", per="batch"):
-                faults.evaluation(math.ceil(epoch))
-                history = epoch_record(world, strategy, val_loader, sums, epoch, state.global_step, watchdog)
-            log.write(event="epoch", **history)
-            steps_log.epoch(history)
-            stopped_early = watch_best(cfg, world, best, history, saving, log)
+        history, stop_signal, stopped_early = train_epochs(loop)
         elapsed = time.perf_counter() - began
-        steps_log.events.close()
-        path = saving.save()
+        loop.steps_log.events.close()
+        path = loop.saving.save()
         if stop_signal:
-            stopped = (
-                f"hpcdl: stopped by {stop_signal} at step {state.global_step}; checkpoint {path}; "
-                "resume with --resume auto"
-            )
-            # The handlers stay: a further signal (Slurm and the launcher often both send one) says this, exits 75.
-            guard.signals.checkpointed(stopped if world.is_root else "")
-            world.log(stopped)
-            log.write(event="stopped", signal=stop_signal, step=state.global_step, checkpoint=str(path))
-            return {"stopped_by": stop_signal, "step": state.global_step, "checkpoint": str(path)}
-        guard.signals.uninstall()  # after the last checkpoint: a late stop signal still exits 75
-        if stopped_early:
-            best_figures = {"stopped_early": True, "best_epoch": best.best_epoch, f"best_{best.metric}": best.best}
-            history = {**history, **best_figures}
-        history = {**history, **(pruner.summary() if pruner else {}), **train_loader.summary(world)}
-        return finish(cfg, world, strategy, setup, state, clock, history, elapsed, log, watchdog)
+            return stopped(loop, stop_signal, path)
+        loop.guard.signals.uninstall()  # after the last checkpoint: a late stop signal still exits 75
+        return finish(loop, summary_figures(loop, history, stopped_early), elapsed)
     except TrialFailed:  # a contained group's trial failed on every rank: end this run's threads, go on
-        steps_log.events.close()
-        guard.signals.uninstall()
+        loop.steps_log.events.close()
+        loop.guard.signals.uninstall()
         raise
     finally:  # the watchdog watches up to the last file written; its thread ends with the run, however it ends
-        watchdog.close()
+        loop.watchdog.close()
+
+
+def train_epochs(loop: Loop) -> tuple[dict[str, Any], str | None, bool]:
+    """Epochs until the run's end, a stop signal or early stopping: (the last epoch's record, the stop signal,
+    whether early stopping ended the run)."""
+    state, history, stop_signal, stopped_early = loop.state, {}, None, False
+    while state.epoch < loop.cfg.train.epochs and state.global_step < loop.last_step and not stopped_early:
+        sums, stop_signal = train_epoch(loop)
+        if stop_signal:
+            break  # no evaluation: checkpoint and go
+        history, stopped_early = end_epoch(loop, sums)
+    return history, stop_signal, stopped_early
+
+
+def train_epoch(loop: Loop) -> tuple[np.ndarray, str | None]:
+    """The rest of the epoch's steps, up to the run's last or a stop signal: (this rank's sums of the loss and the
+    task's figures over its applied steps, the stop signal)."""
+    state, stop_signal = loop.state, None
+    sums = np.zeros(loop.strategy.objective.width)
+    bar = Progress(
+        min(loop.steps_per_epoch - state.step_in_epoch, loop.last_step - state.global_step),
+        desc=f"epoch {state.epoch + 1}/{loop.cfg.train.epochs}", enabled=loop.world.is_root and loop.cfg.run.progress,
+    )  # fmt: skip
+    with bar:
+        loop.clock.restart()
+        for batch in watched(loop.train_loader, state, loop.watchdog):
+            stop_signal = take_step(loop, batch, sums, bar)
+            if stop_signal or state.global_step >= loop.last_step:
+                break
+    return sums, stop_signal
+
+
+def take_step(loop: Loop, batch: Batch, sums: np.ndarray, bar: Progress) -> str | None:
+    """One batch: forward and backward; at a sync point the guard's verdict and the update; then the step's figures,
+    injected faults, the replicas' check, watchdog, clock, step record, progress and checkpoint. Returns a stop
+    signal received at the sync point, if any."""
+    state, timer = loop.state, loop.clock.timer
+    timer.add("data", batch.wait_s)
+    sync, scale = accumulation_window(state.step_in_epoch, loop.steps_per_epoch, loop.cfg.parallel.accumulate_steps)
+    result = rank_step(loop, batch, sync, scale * loop.scaler.scale)
+    verdict, grad_norm, lr = Verdict(), None, loop.optimizer.param_groups[0]["lr"]
+    if sync:
+        verdict, grad_norm = sync_point(loop, batch, result)
+    counted = result.vector(len(sums)) if verdict.apply else 0.0
+    sums += counted
+    loop.steps_log.sums += counted
+    state.skipped_steps += 0 if verdict.apply else 1
+    state.advance()
+    loop.faults.step_end(state.global_step, loop.strategy.params)
+    if sync:
+        loop.guard.check_replicas(state.global_step)
+    loop.watchdog.end()
+    loop.clock.step_done(batch.global_count)
+    if sync:
+        loop.steps_log.step_end(state, loop.steps_per_epoch, lr, grad_norm)
+    bar.postfix = f"loss={sums[0] / max(sums[-1], 1):.4f}"
+    bar.update(1)
+    every = loop.cfg.run.checkpoint_every
+    if sync and every and state.global_step % every == 0:
+        loop.saving.save()
+    return verdict.stop_signal
+
+
+def sync_point(loop: Loop, batch: Batch, result: StepResult) -> tuple[Verdict, float | None]:
+    """The sync point: gradients are summed; one small Allreduce for stop requests and NaN/Inf, then the optimizer
+    step it allows, the schedule and pruning. Returns the guard's verdict and the gradient norm (when known)."""
+    step, timer = loop.state.global_step + 1, loop.clock.timer
+    with timer.phase("comm"):
+        verdict = loop.guard.after_sync(step, result.loss_sum, loop.state.skipped_steps, rows=batch.indices)
+    with timer.phase("optimizer"):
+        grad_norm = update(loop, verdict, loop.steps_log.due(step))
+        loop.scheduler.step()  # the rate follows the position, a skipped step included
+        if loop.pruner:
+            loop.pruner.after_step(step)
+    return verdict, grad_norm
+
+
+def end_epoch(loop: Loop, sums: np.ndarray) -> tuple[dict[str, Any], bool]:
+    """After an epoch's steps: evaluation, the epoch's record (logged, to metrics.csv and the callbacks), best.pt.
+    Returns the record and whether early stopping ends the run here."""
+    epoch = loop.state.end_epoch(loop.steps_per_epoch)
+    with loop.watchdog.watching(f"evaluation after epoch {epoch:g}", per="batch"):
+        loop.faults.evaluation(math.ceil(epoch))
+        history = epoch_record(loop, sums, epoch)
+    loop.log.write(event="epoch", **history)
+    loop.steps_log.epoch(history)
+    return history, watch_best(loop, history)
+
+
+def stopped(loop: Loop, stop_signal: str, path: Path | None) -> dict[str, Any]:
+    """A run stopped by a signal, checkpointed at `path`: said, logged, and returned instead of the summary."""
+    step = loop.state.global_step
+    message = f"hpcdl: stopped by {stop_signal} at step {step}; checkpoint {path}; resume with --resume auto"
+    # The handlers stay: a further signal (Slurm and the launcher often both send one) says this, exits 75.
+    loop.guard.signals.checkpointed(message if loop.world.is_root else "")
+    loop.world.log(message)
+    loop.log.write(event="stopped", signal=stop_signal, step=step, checkpoint=str(path))
+    return {"stopped_by": stop_signal, "step": step, "checkpoint": str(path)}
+
+
+def summary_figures(loop: Loop, history: dict[str, Any], stopped_early: bool) -> dict[str, Any]:
+    """The last epoch's record with what else the summary reports: early stopping's best epoch, pruning, the loader
+    (the loader's figures are a collective)."""
+    best = loop.best
+    early = {"stopped_early": True, "best_epoch": best.best_epoch, f"best_{best.metric}": best.best}
+    pruned = loop.pruner.summary() if loop.pruner else {}
+    return {**history, **(early if stopped_early else {}), **pruned, **loop.train_loader.summary(loop.world)}
 
 
 def watched(loader: Loader, state: RunState, watchdog: Watchdog) -> Iterator[Batch]:
@@ -253,18 +340,16 @@ def watched(loader: Loader, state: RunState, watchdog: Watchdog) -> Iterator[Bat
         yield batch
 
 
-def rank_step(
-    world: World, guard: StepGuard, faults: Injector, strategy: Strategy, batch: Batch, step: int, timer: PhaseTimer,
-    sync: bool, scale: float,
-) -> StepResult:  # fmt: skip
+def rank_step(loop: Loop, batch: Batch, sync: bool, scale: float) -> StepResult:
     """This rank's forward and backward (injected faults first). In a contained world (a sweep's group) a step
     that raises is said at the next sync point, where it ends the trial on every rank; meanwhile this rank
     stands in with no rows, so that its peers' collectives still complete."""
+    strategy, timer, guard = loop.strategy, loop.clock.timer, loop.guard
     try:
-        faults.step_start(step, batch)
+        loop.faults.step_start(loop.state.global_step + 1, batch)
         return strategy.train_step(batch, timer, sync=sync, scale=scale)
     except Exception as exc:
-        if not world.contained:
+        if not loop.world.contained:
             raise
         guard.failure = guard.failure or (str(exc) if isinstance(exc, HpcdlError) else f"{type(exc).__name__}: {exc}")
         strategy.zero_grad()
@@ -277,19 +362,19 @@ def rank_step(
         return strategy.train_step(empty, timer, sync=sync, scale=scale)
 
 
-def watch_best(cfg: Config, world: World, best: BestEpoch, history: dict[str, Any], saving: Saving,
-               log: JsonlLog) -> bool:  # fmt: skip
+def watch_best(loop: Loop, history: dict[str, Any]) -> bool:
     """After an epoch: keep best.pt if it is the best so far; True when early stopping ends the run here."""
-    if best.update(history) and cfg.run.keep_best:
-        saving.save_best()
+    best = loop.best
+    if best.update(history) and loop.cfg.run.keep_best:
+        loop.saving.save_best()
     if not best.should_stop:
         return False
     epoch = history["epoch"]
-    world.log(
+    loop.world.log(
         f"hpcdl: early stop after epoch {epoch:g}: {best.metric} has not improved for {best.patience} epochs "
         f"(best {best.best:.6g} at epoch {best.best_epoch:g})"
     )
-    log.write(event="early_stop", epoch=epoch, metric=best.metric, best=best.best, best_epoch=best.best_epoch)
+    loop.log.write(event="early_stop", epoch=epoch, metric=best.metric, best=best.best, best_epoch=best.best_epoch)
     return True
 
 
@@ -304,17 +389,14 @@ def restore(strategy: Strategy, optimizer: torch.optim.Optimizer, scheduler: Sch
     strategy.sync_optimizer(optimizer)
 
 
-def update(
-    cfg: Config, strategy: Strategy, optimizer: torch.optim.Optimizer, scaler: LossScaler, verdict: Verdict,
-    measure: bool, timer: PhaseTimer,
-) -> float | None:  # fmt: skip
+def update(loop: Loop, verdict: Verdict, measure: bool) -> float | None:
     """The optimizer step the guard allowed (loss scale undone, gradients clipped); gradients zeroed either way.
     Returns the gradient norm when clipped or `measure`d."""
-    grad_norm = None
+    strategy, grad_norm = loop.strategy, None
     if verdict.apply:
-        scaler.unscale(strategy.params)
-        grad_norm = clip_or_measure(cfg, strategy, measure)
-        strategy.optimizer_step(optimizer, timer)
+        loop.scaler.unscale(strategy.params)
+        grad_norm = clip_or_measure(loop.cfg, strategy, measure)
+        strategy.optimizer_step(loop.optimizer, loop.clock.timer)
     strategy.zero_grad()
     return grad_norm
 
@@ -354,24 +436,21 @@ def already_complete(cfg: Config, world: World, state: RunState, log: JsonlLog) 
     return {"complete": True, "step": state.global_step}
 
 
-def epoch_record(
-    world: World, strategy: Strategy, val_loader: Loader, sums: np.ndarray, epoch: float, step: int,
-    watchdog: Watchdog,
-) -> dict[str, Any]:  # fmt: skip
+def epoch_record(loop: Loop, sums: np.ndarray, epoch: float) -> dict[str, Any]:
     """The epoch's training figures and validation, summed over ranks in one Allreduce; printed by rank 0."""
-    objective = strategy.objective
-    val_sums = evaluate(strategy, val_loader, watchdog)
-    watchdog.arrive()  # this rank's part is done: the Allreduce waits for the others
-    totals = world.allreduce_sum(np.concatenate([sums, val_sums]))
+    objective = loop.strategy.objective
+    val_sums = evaluate(loop.strategy, loop.val_loader, loop.watchdog)
+    loop.watchdog.arrive()  # this rank's part is done: the Allreduce waits for the others
+    totals = loop.world.allreduce_sum(np.concatenate([sums, val_sums]))
     record = {
         "epoch": epoch,
-        "step": step,
+        "step": loop.state.global_step,
         **objective.metrics(totals[: len(sums)]),
         **objective.metrics(totals[len(sums) :], prefix="val_"),
     }
     names = objective.metric_names()
     shown = lambda group: " ".join(f"{n}={record[n]:{'.3f' if n.endswith('acc') else '.4f'}}" for n in group)  # noqa: E731
-    world.log(f"epoch {epoch:g}  {shown(names[: len(names) // 2])}  {shown(names[len(names) // 2 :])}")
+    loop.world.log(f"epoch {epoch:g}  {shown(names[: len(names) // 2])}  {shown(names[len(names) // 2 :])}")
     return record
 
 
@@ -504,27 +583,25 @@ def each_part(world: World, watchdog: Watchdog, part: Callable[[], T]) -> T:
     return world.agree(then_arrive)
 
 
-def finish(
-    cfg: Config, world: World, strategy: Strategy, setup: Setup, state: RunState, clock: StepClock,
-    history: dict[str, Any], elapsed: float, log: JsonlLog, watchdog: Watchdog,
-) -> dict[str, Any]:  # fmt: skip
+def finish(loop: Loop, history: dict[str, Any], elapsed: float) -> dict[str, Any]:
     """The final weights as model.pt; the run's summary (the same on every rank), logged, written and printed."""
+    cfg, world, strategy, state, watchdog = loop.cfg, loop.world, loop.strategy, loop.state, loop.watchdog
     # Watched to the summary's last collective: once rank 0 has written, every rank only waits for the others.
     with watchdog.watching(f"model.pt at step {state.global_step}"):
         weights = to_cpu(strategy.model_state())  # the unsplit model on rank 0 (a collective gather)
         each_part(world, watchdog, lambda: checkpoint.save_weights(cfg.run.dir, weights) if world.is_root else None)
         summary = run_summary(
-            world, clock, history, elapsed,
+            world, loop.clock, history, elapsed,
             global_batch=cfg.train.batch_size,
             timing_skip_steps=cfg.run.timing_skip_steps,
-            params=sum(p.numel() for p in setup.model.parameters()),  # the whole model, however split
+            params=sum(p.numel() for p in loop.setup.model.parameters()),  # the whole model, however split
             comm_bytes_per_step=strategy.bytes_per_sync / cfg.parallel.accumulate_steps,
             param_digest=checkpoint.parameter_digest(weights),
             skipped_steps=state.skipped_steps,
-            **device_summary(world, setup.device),
+            **device_summary(world, loop.setup.device),
             **strategy.summary(),
         )  # fmt: skip
-    log.write(event="summary", **summary)
+    loop.log.write(event="summary", **summary)
     summary_file = Path(cfg.run.dir) / "summary.json"
     world.agree(lambda: summary_file.write_text(strict_json(summary, indent=2) + "\n") if world.is_root else None)
     return summary

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from hpcdl.comm import World, abort, mpi, rank_ranges
+from hpcdl.comm import World, abort, rank_ranges
 from hpcdl.metrics import PhaseTimer
 
 REPORT_TAG = 7
@@ -101,7 +101,7 @@ class Watchdog:
         self.thread = None
         if self.limit.seconds > 0:
             # Collective: every rank builds its watchdog at the same point of the run.
-            self.side = world.comm.Dup()
+            self.side = world.dup()
             self.thread = threading.Thread(target=self._watch, name="hpcdl-watchdog", daemon=True)
             self.thread.start()
             atexit.register(self.close)
@@ -162,7 +162,7 @@ class Watchdog:
             deadline = self.deadline
             overdue = deadline is not None and time.monotonic() > deadline
             # Rank 0 also listens: another rank's report means a hang even where rank 0 is between steps.
-            if overdue or (self.world.is_root and self.side.iprobe(source=mpi().ANY_SOURCE, tag=REPORT_TAG)):
+            if overdue or (self.world.is_root and self.side.iprobe(tag=REPORT_TAG)):
                 self._expire()
                 return
 
@@ -192,7 +192,7 @@ class Watchdog:
             abort(describe(self._collect(), self.world))
         # Rank 0 ends the job; if it cannot (dead or wedged), this rank does after a longer wait.
         deadline = time.monotonic() + 3 * self.grace_s
-        while time.monotonic() < deadline and not request.Test():
+        while time.monotonic() < deadline and not request.test():
             time.sleep(0.05)
         time.sleep(max(0.0, deadline - time.monotonic()))
         abort(
@@ -205,8 +205,8 @@ class Watchdog:
         reports: dict[int, dict[str, Any]] = {}
         deadline = time.monotonic() + self.grace_s
         while len(reports) < self.world.size and time.monotonic() < deadline:
-            if self.side.iprobe(source=mpi().ANY_SOURCE, tag=REPORT_TAG):
-                report = self.side.recv(source=mpi().ANY_SOURCE, tag=REPORT_TAG)
+            if self.side.iprobe(tag=REPORT_TAG):
+                report = self.side.recv(tag=REPORT_TAG)
                 reports[report["rank"]] = report
             else:
                 time.sleep(0.02)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcdl.bench.common import mpiexec
+from hpcdl.studies import mpiexec
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -79,7 +79,8 @@ def test_columns_at_three_ranks_from_scratch_with_the_old_spelling(wide, tmp_pat
 
 
 def test_columns_need_an_mlp_on_flat_samples(datasets, tmp_path):
-    result = train_columns(2, datasets["images"], tmp_path, 2, "model.name='cnn'", "model.channels=[4]")
+    cnn = ("model.name='cnn'", "model.channels=[4]", "model.hidden=[128]")  # the MLP's hidden sizes: default
+    result = train_columns(2, datasets["images"], tmp_path, 2, *cnn)
     assert result.returncode != 0
     assert "needs model.name = 'mlp'" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr

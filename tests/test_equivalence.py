@@ -19,10 +19,10 @@ STEPS, BATCH, LR = 12, 48, 0.05
 @pytest.mark.parametrize(("family", "ranks"), [("cnn", 2), ("mlp", 3), ("rnn", 4)])
 def test_data_parallel_matches_single_process(datasets, tmp_path, family, ranks):
     data, model_cfg = MODELS[family]
-    hidden = {
-        "mlp": f"model.hidden={model_cfg.hidden}",
-        "cnn": f"model.channels={model_cfg.channels}",
-        "rnn": f"model.rnn_hidden={model_cfg.rnn_hidden}",
+    sizes = {  # each family's own keys: another family's would be refused (nothing reads them)
+        "mlp": [f"model.hidden={model_cfg.hidden}"],
+        "cnn": [f"model.channels={model_cfg.channels}", f"model.fc={model_cfg.fc}"],
+        "rnn": [f"model.rnn_hidden={model_cfg.rnn_hidden}"],
     }[family]
     result = hpcdl_train(
         ranks,
@@ -30,8 +30,7 @@ def test_data_parallel_matches_single_process(datasets, tmp_path, family, ranks)
         f"data.path='{datasets[data]}'",
         f"run.dir='{tmp_path}'",
         f"model.name='{family}'",
-        hidden,
-        "model.fc=8",
+        *sizes,
         f"train.batch_size={BATCH}",
         f"train.max_steps={STEPS}",
         "train.optimizer='sgd'",

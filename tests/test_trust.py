@@ -37,7 +37,7 @@ def test_a_reader_that_leaves_the_pipe_is_no_error(datasets):
     shell = f"{sys.executable} -m hpcdl data info {datasets['digits']} | head -1"
     done = subprocess.run(["bash", "-o", "pipefail", "-c", shell], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.stdout == f"{datasets['digits']}\n" and done.stderr == "", done.stderr
-    assert done.returncode == 141  # 128 + SIGPIPE, as `head`'s writer reports it
+    assert done.returncode in (0, 141)  # 141 = 128 + SIGPIPE when head left before the last line was written
 
 
 def test_data_make_and_bench_refuse_an_existing_output_before_the_work(tmp_path, capsys):

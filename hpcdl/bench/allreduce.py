@@ -13,7 +13,8 @@ import sys
 import time
 from typing import Any
 
-from hpcdl.bench.common import median, mpiexec, provenance, provenance_line, run_worker, table, write_json
+from hpcdl.bench.common import median, provenance_line, run_worker, write_json
+from hpcdl.studies import mpiexec, provenance, table
 
 # A model of about 25 M parameters, in the proportions of a small transformer's layers.
 LAYER_SHAPES = [(1024, 1024)] * 12 + [(4096, 1024)] * 3 + [(1024,)] * 24
@@ -41,12 +42,12 @@ def _worker(args: argparse.Namespace) -> None:
         grads.finish()
 
     def one_buffer() -> None:
-        world.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+        world.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)  # raw MPI: the baseline this benchmark compares against
 
     timings: dict[str, list[float]] = {"bucketed": [], "single": []}
     for round_ in range(args.warmup + args.repeats):
         for name, fn in (("bucketed", bucketed), ("single", one_buffer)):
-            world.comm.Barrier()
+            world.barrier()
             began = time.perf_counter()
             fn()
             elapsed = float(world.allreduce_max(np.array([time.perf_counter() - began]))[0])

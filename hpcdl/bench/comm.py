@@ -23,8 +23,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hpcdl.bench.common import launcher, provenance, provenance_line, run_worker, table, write_json
+from hpcdl.bench.common import provenance_line, run_worker, write_json
 from hpcdl.errors import ConfigError
+from hpcdl.studies import launcher, provenance, table
 
 OPS = ("allreduce", "bcast", "allgather", "sendrecv")
 ROUNDS = 3
@@ -37,6 +38,7 @@ def _calls(nbytes: int, most: int) -> int:
 
 def _operations(c, MPI, nbytes: int) -> dict[str, Callable[[], None]]:
     """One call of each operation on `nbytes`-byte float32 buffers of their own."""
+    # raw MPI: the baseline this benchmark compares against (MPI's own primitives, without hpcdl's layer)
     import numpy as np
 
     send = np.ones(nbytes // 4, dtype=np.float32)
@@ -66,13 +68,12 @@ def _worker(args: argparse.Namespace) -> None:
     from hpcdl import comm
 
     world = comm.init(threads=1)
-    MPI, c = comm.mpi(), world.comm
     for _ in range(200):  # connections and buffers set up before anything is timed
-        c.Allreduce(MPI.IN_PLACE, np.zeros(1, dtype=np.float32), op=MPI.SUM)
+        world.allreduce_(np.zeros(1, dtype=np.float32))
     sizes = [4 * 4**k for k in range(20) if 4 * 4**k <= args.max_bytes]
     results: dict[str, Any] = {op: {"bytes": sizes, "seconds": []} for op in OPS}
     for nbytes in sizes:
-        calls = _operations(c, MPI, nbytes)
+        calls = _operations(world.comm, comm.mpi(), nbytes)
         n = _calls(nbytes, args.max_calls)
         for op in OPS:
             for _ in range(max(5, n // 10)):
@@ -80,7 +81,7 @@ def _worker(args: argparse.Namespace) -> None:
             # Best of a few rounds of the slowest rank's mean: a shared machine adds noise, never speed.
             best = float("inf")
             for _ in range(ROUNDS):
-                c.Barrier()
+                world.barrier()
                 began = time.perf_counter()
                 for _ in range(n):
                     calls[op]()

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpcdl.bench.common import median, mpiexec, provenance, provenance_line, run_worker, spread, table, write_json
+from hpcdl.bench.common import median, provenance_line, run_worker, spread, write_json
 from hpcdl.errors import HpcdlError
+from hpcdl.studies import mpiexec, provenance, table
 
 CONFIG = "digits-mlp"  # every training's base config (Adam at lr 0.003, batch 64); the bench sets the rest
 # The unstructured ramp, as fractions of the run's steps: prune from 20% to 70%, then train on with the masks kept.

@@ -19,17 +19,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from hpcdl.bench.common import (
-    interleaved,
-    median,
-    mpiexec,
-    provenance,
-    provenance_line,
-    run_worker,
-    spread,
-    table,
-    write_json,
-)
+from hpcdl.bench.common import interleaved, median, provenance_line, run_worker, spread, write_json
+from hpcdl.studies import mpiexec, provenance, table
 
 if TYPE_CHECKING:
     import torch
@@ -99,12 +90,11 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     else:
         from hpcdl import comm
         from hpcdl.data.loader import Batch
-        from hpcdl.device import CUDA_AWARE_ENV, transport
 
         if args.engine == "hpcdl-staged":  # gradients through pinned host memory even where MPI is CUDA-aware
-            os.environ[CUDA_AWARE_ENV] = "0"
+            os.environ[comm.CUDA_AWARE_ENV] = "0"
         from hpcdl.metrics import PhaseTimer
-        from hpcdl.parallel.data import DataParallel
+        from hpcdl.parallel.data import DataParallelStrategy
 
         world = comm.init(threads=args.threads)
         rank, size = world.rank, world.size
@@ -112,7 +102,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
             device = _device(world.local_rank, args.device)  # mpiexec sets no LOCAL_RANK before init
             model, x, y = model.to(device), x.to(device), y.to(device)
         overlap = args.engine != "hpcdl-no-overlap"
-        strategy = DataParallel(model, world, args.bucket_mb, overlap=overlap, compression=args.compression)
+        strategy = DataParallelStrategy(model, world, args.bucket_mb, overlap=overlap, compression=args.compression)
         optimizer = torch.optim.SGD(strategy.params, lr=0.01)
         share = slice(rank * GLOBAL_BATCH // size, (rank + 1) * GLOBAL_BATCH // size)
         batch = Batch(x[share], y[share], GLOBAL_BATCH)
@@ -125,7 +115,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
             strategy.zero_grad()
 
         slowest = lambda value: float(world.allreduce_max(torch.tensor([value]).numpy())[0])  # noqa: E731
-        mpi_transport = transport(device).name
+        mpi_transport = comm.transport(device).name
     for _ in range(args.warmup):
         step_fn()
     _settle(device)

@@ -20,17 +20,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpcdl.bench.common import (
-    interleaved,
-    median,
-    mpiexec,
-    provenance,
-    provenance_line,
-    run_worker,
-    spread,
-    table,
-    write_json,
-)
+from hpcdl.bench.common import interleaved, median, provenance_line, run_worker, spread, write_json
+from hpcdl.studies import mpiexec, provenance, table
 
 if TYPE_CHECKING:
     from torch import nn
@@ -103,13 +94,13 @@ def _hpcdl_worker(opts: argparse.Namespace) -> None:
     seconds, rows, rows_per_rank = dict.fromkeys(variants, 0.0), 0, {}
     for variant in variants + variants[::-1]:
         schedule, _, slow = variant.partition("-")
-        world.comm.Barrier()
+        world.barrier()
         began = time.perf_counter()
         scored = hpcdl.predict(
             slowed if slow else model, opts.data, SPLIT, out=opts.out, outputs=("class", "probs"),
             schedule=schedule, batch=opts.batch,
         )  # fmt: skip
-        world.comm.Barrier()
+        world.barrier()
         seconds[variant] += time.perf_counter() - began
         rows, rows_per_rank[variant] = scored.rows, scored.rows_per_rank
     figures = {v: {"samples_per_s": 2 * rows / seconds[v], "rows_per_rank": rows_per_rank[v]} for v in variants}

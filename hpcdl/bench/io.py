@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpcdl.bench.common import mpiexec, provenance, provenance_line, run_worker, table, write_json
+from hpcdl.bench.common import provenance_line, run_worker, write_json
+from hpcdl.studies import mpiexec, provenance, table
 
 RAW_BLOCK = 4 << 20  # bytes per plain read of the limit
 PARTITIONS, MODES = ("block", "global", "chunked"), ("streamed", "warm", "cached")
@@ -98,14 +99,14 @@ def _time_loader(world, path: str, partition: str, mode: str, batch: int, max_st
         drop_cache(path)
     if mode == "warm" and world.is_root:
         warm_cache(path)
-    world.comm.Barrier()
+    world.barrier()
     began = time.perf_counter()
     reader = SplitReader(
         path, "train", part.owned_range(), math.inf if mode == "cached" else 0, blocks=part.read_blocks()
     )
     fill_s = time.perf_counter() - began
     times, counts, seen = [], [], 0
-    world.comm.Barrier()
+    world.barrier()
     for step, got in enumerate(Loader(reader, part, prefetch=0).epoch(0)):
         times.append(got.wait_s)
         counts.append(got.global_count)
@@ -114,7 +115,7 @@ def _time_loader(world, path: str, partition: str, mode: str, batch: int, max_st
             break
     reader.close()
     slowest = world.allreduce_max(np.array(times, dtype=np.float64)).tolist()
-    total_seen = int(world.comm.allreduce(seen))
+    total_seen = sum(world.allgather(seen))
     expected = n if not max_steps else sum(counts)
     return {
         **_stats(slowest, counts, row_bytes),
@@ -136,7 +137,7 @@ def _time_raw(world, path: str, total_bytes: int) -> float:
         drop_cache(path)
     buffer = bytearray(RAW_BLOCK)
     fd = os.open(path, os.O_RDONLY)
-    world.comm.Barrier()
+    world.barrier()
     began = time.perf_counter()
     done = 0
     while done < share:
@@ -146,7 +147,7 @@ def _time_raw(world, path: str, total_bytes: int) -> float:
         done += got
     elapsed = float(world.allreduce_max(np.array([time.perf_counter() - began]))[0])
     os.close(fd)
-    return round(float(world.comm.allreduce(done)) / 1e6 / elapsed, 1)
+    return round(float(sum(world.allgather(done))) / 1e6 / elapsed, 1)
 
 
 def _worker(args: argparse.Namespace) -> None:

@@ -19,17 +19,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from hpcdl.bench.common import (
-    interleaved,
-    median,
-    mpiexec,
-    provenance,
-    provenance_line,
-    run_worker,
-    spread,
-    table,
-    write_json,
-)
+from hpcdl.bench.common import interleaved, median, provenance_line, run_worker, spread, write_json
+from hpcdl.studies import mpiexec, provenance, table
 
 if TYPE_CHECKING:
     import torch
@@ -100,7 +91,7 @@ def _hpcdl_worker(opts: argparse.Namespace) -> dict[str, Any] | None:
     elapsed = _timed(step, opts)
     busy = timer.totals["forward"] + timer.totals["backward"]
     mine = [elapsed, busy, in_steps[0], _peak_rss_mib(), pipe.peak_alive]
-    stages = world.comm.gather(mine, root=0)
+    stages = world.gather(mine, root=0)
     if world.rank:
         return None
     return {

@@ -38,17 +38,9 @@ from itertools import count
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpcdl.bench.common import (
-    interleaved,
-    launcher,
-    median,
-    provenance,
-    provenance_line,
-    spread,
-    table,
-    write_json,
-)
+from hpcdl.bench.common import interleaved, median, provenance_line, spread, write_json
 from hpcdl.errors import ConfigError, DataError, HpcdlError
+from hpcdl.studies import launcher, provenance, table
 
 if TYPE_CHECKING:
     from hpcdl.scale.project import Network
@@ -272,9 +264,9 @@ def projection(strategies: dict[str, dict], net: Network, servers: int, batch: i
 
 def plot(strategies: dict[str, dict], target: float, path: Path) -> Path:
     """Validation accuracy against wall time, one line per strategy (its median repeat), the target dashed."""
-    from hpcdl.scale.report import _pyplot
+    from hpcdl.plot import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4), dpi=100)
     for name, figures in strategies.items():
         curve = figures["curve"]

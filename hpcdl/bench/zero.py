@@ -32,18 +32,9 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
-from hpcdl.bench.common import (
-    interleaved,
-    launcher,
-    median,
-    provenance,
-    provenance_line,
-    run_worker,
-    spread,
-    table,
-    write_json,
-)
+from hpcdl.bench.common import interleaved, median, provenance_line, run_worker, spread, write_json
 from hpcdl.errors import ConfigError, HpcdlError
+from hpcdl.studies import launcher, provenance, table
 
 HPCDL_VARIANTS = {
     "data": ["parallel.mode='data'"],

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # imported lazily: `python -m hpcdl data ...` must not start 
     from hpcdl.data.partition import DataShare
     from hpcdl.data.schema import DatasetInfo
 
-PARTITIONS = ("global", "block", "chunked")
+from hpcdl.config import PARTITIONS
 
 
 class RankLoader:
@@ -106,7 +106,7 @@ def open(  # noqa: A001 - hpcdl.data.open, like h5py.File / builtins.open for a 
     A bad file or argument ends
     every rank with one message (the check runs before any collective that depends on it).
     """
-    from hpcdl.api import init
+    from hpcdl.comm import init
     from hpcdl.data.chunked import block_rows_of
     from hpcdl.data.loader import Loader, SplitReader
     from hpcdl.data.partition import Partition
@@ -120,7 +120,7 @@ def open(  # noqa: A001 - hpcdl.data.open, like h5py.File / builtins.open for a 
         )
         return validate(path, splits=(split,)) if world.is_root else None
 
-    info = world.comm.bcast(world.agree(check), root=0)
+    info = world.bcast(world.agree(check), root=0)
     part = Partition(
         info.sizes[split],
         batch_size,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from hpcdl.comm import buffer, mpi
+from hpcdl.comm import Request, waitall
 from hpcdl.horovod.errors import ArgumentError, HorovodInternalError
 from hpcdl.horovod.handles import Handle, agreeing
 from hpcdl.horovod.process_sets import ProcessSet
@@ -67,10 +67,10 @@ def _servable(op: str, reduction: str) -> bool:
     return op == "allreduce" and reduction == "sum"
 
 
-def _start(pset: ProcessSet, mine: np.ndarray) -> tuple[object, np.ndarray]:
+def _start(pset: ProcessSet, mine: np.ndarray) -> tuple[Request, np.ndarray]:
     """Post this rank's row; the table fills in when the request completes."""
     table = np.empty((pset.size(), mine.size), dtype=np.int64)
-    request = pset.agreement.Iallgather(mine, table)
+    request = pset.agreement.iallgather(mine, table)
     pset.agreements += 1
     return request, table
 
@@ -109,7 +109,7 @@ def join_and_serve(pset: ProcessSet) -> int:
     serving, joined_at = [], pset.agreements
     while True:
         request, table = _start(pset, _row("join", None, pset.size(), root=joined_at))
-        request.Wait()
+        request.wait()
         joined = table[:, OP] == OPS.index("join")
         if joined.all():
             break
@@ -120,7 +120,7 @@ def join_and_serve(pset: ProcessSet) -> int:
             OPS[active[0, OP]], REDUCTIONS[active[0, REDUCTION]]
         ):
             zeros = torch.zeros(_shape(active[0]), dtype=DTYPES[active[0, DTYPE]])
-            serving.append((zeros, pset.comm.Iallreduce(mpi().IN_PLACE, buffer(zeros), op=mpi().SUM)))
-    mpi().Request.Waitall([r for _, r in serving])
+            serving.append((zeros, pset.data.iallreduce(zeros)))
+    waitall(r for _, r in serving)
     last_round = table[:, ROOT].max()
     return int(np.flatnonzero(table[:, ROOT] == last_round)[-1])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hpcdl.comm import World, mpi
+from hpcdl.comm import World, thread_multiple
 from hpcdl.comm import init as world_of_process
 from hpcdl.errors import HpcdlError
 from hpcdl.horovod.refused import not_offered
@@ -73,8 +73,7 @@ def cross_size() -> int:
 
 def mpi_threads_supported() -> bool:
     """True when MPI was initialised with MPI_THREAD_MULTIPLE."""
-    MPI = mpi()
-    return MPI.Query_thread() == MPI.THREAD_MULTIPLE
+    return thread_multiple()
 
 
 def mpi_enabled() -> bool:

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpcdl.comm import as_buffer, buffer, mpi_type
 from hpcdl.horovod.agreement import AFTER_DIM_0, SHAPE, SPLITS, WITH_ROOT, agreed, join_and_serve
 from hpcdl.horovod.autograd import differentiable
 from hpcdl.horovod.basics import current_world
@@ -39,7 +38,7 @@ def allgather_async(tensor: torch.Tensor, name: str | None = None, process_set: 
         rows = table[:, SHAPE].tolist()
         output = torch.empty((sum(rows), *source.shape[1:]), dtype=source.dtype)
         counts = [r * _row_elements(source) for r in rows]
-        request = pset.comm.Iallgatherv(buffer(source), [as_buffer(output), counts, mpi_type(output.dtype)])
+        request = pset.data.iallgatherv(source, output, counts)
         return Handle(request, lambda: output.to(tensor.device), keep=[source])
 
     return named(name, lambda: agreed(pset, "allgather", source, AFTER_DIM_0, start))
@@ -73,7 +72,7 @@ def allgather(tensor: torch.Tensor, name: str | None = None, process_set: Proces
 
 def allgather_object(obj: Any, name: str | None = None, process_set: ProcessSet | None = None) -> list[Any]:
     """Every rank's picklable `obj`, in rank order."""
-    return resolve(process_set).world.comm.allgather(obj)
+    return resolve(process_set).world.allgather(obj)
 
 
 def broadcast_async_(
@@ -85,7 +84,7 @@ def broadcast_async_(
     work = tensor.data if tensor.is_contiguous() and not tensor.is_cuda else tensor.detach().contiguous().cpu()
 
     def start(_: Any) -> Handle:
-        request = pset.comm.Ibcast(buffer(work), root=root)
+        request = pset.data.ibroadcast(work, root)
 
         def finish() -> torch.Tensor:
             if work.data_ptr() != tensor.data_ptr():
@@ -132,7 +131,7 @@ def broadcast_object(
 ) -> Any:
     """root_rank's picklable `obj` on every rank of the set."""
     pset = resolve(process_set)
-    return pset.world.comm.bcast(obj, root=pset.set_rank(root_rank))
+    return pset.world.bcast(obj, root=pset.set_rank(root_rank))
 
 
 def _send_rows(tensor: torch.Tensor, splits: torch.Tensor | list[int] | None, ranks: int) -> np.ndarray:
@@ -170,11 +169,9 @@ def alltoall_async(
 
     def start(table: np.ndarray) -> Handle:
         recv_rows = table[:, SPLITS + pset.rank()]
-        row, kind = _row_elements(source), mpi_type(source.dtype)
+        row = _row_elements(source)
         output = torch.empty((int(recv_rows.sum()), *source.shape[1:]), dtype=source.dtype)
-        request = pset.comm.Ialltoallv(
-            [as_buffer(source), (send_rows * row).tolist(), kind], [as_buffer(output), (recv_rows * row).tolist(), kind]
-        )
+        request = pset.data.ialltoallv(source, (send_rows * row).tolist(), output, (recv_rows * row).tolist())
         received = torch.from_numpy(recv_rows.astype(np.int32))
         return Handle(request, lambda: (output.to(tensor.device), received), keep=[source])
 
@@ -214,4 +211,4 @@ def join(device: int = -1) -> int:
 
 def barrier(process_set: ProcessSet | None = None) -> None:
     """Wait until every rank of the set gets here."""
-    resolve(process_set).world.comm.Barrier()
+    resolve(process_set).world.barrier()

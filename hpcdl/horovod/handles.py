@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from hpcdl.comm import Request
 from hpcdl.horovod.errors import ArgumentError
 
 _in_flight: set[str] = set()
@@ -22,7 +23,7 @@ _in_flight: set[str] = set()
 class Handle:
     """A collective in flight; `finish` runs when `request` completes and returns the result or the next stage."""
 
-    request: Any
+    request: Request
     finish: Callable[[], Any]
     result: Any = None
     done: bool = False
@@ -69,9 +70,9 @@ def _step(handle: Handle) -> None:
 
 def _ready(handle: Handle, wait: bool) -> bool:
     if wait:
-        handle.request.Wait()
+        handle.request.wait()
         return True
-    return bool(handle.request.Test())
+    return handle.request.test()
 
 
 def _advance(handle: Handle, wait: bool) -> bool:

@@ -19,7 +19,7 @@ from hpcdl.horovod.compression import Compression, Compressor
 from hpcdl.horovod.errors import ArgumentError
 from hpcdl.horovod.handles import synchronize
 from hpcdl.horovod.process_sets import ProcessSet, gradient_world, resolve
-from hpcdl.horovod.reductions import Average, Sum, mpi_op
+from hpcdl.horovod.reductions import Average, Sum, wire_op
 from hpcdl.horovod.refused import not_offered
 from hpcdl.parallel.data import broadcast_optimizer
 from hpcdl.parallel.grad_sync import GradSync
@@ -111,7 +111,7 @@ class _DistributedOptimizer:
         if backward_passes_per_step < 1:
             raise HpcdlError("hpcdl.horovod.DistributedOptimizer: backward_passes_per_step must be >= 1")
         if op not in (Average, Sum):
-            mpi_op(op)  # Adasum: a clear refusal
+            wire_op(op)  # Adasum: a clear refusal
             raise HpcdlError("hpcdl.horovod.DistributedOptimizer: op must be hvd.Average or hvd.Sum")
         for p in params:
             if sparse_as_dense:  # registered before the engine's hooks, which take dense gradients only

@@ -1,7 +1,7 @@
 """Horovod's process sets as MPI sub-communicators: `hvd.add_process_set(ranks)` and `process_set=` arguments.
 
 A set's members hold a sub-World (World.split) for barriers, objects and the gradient engine, and two
-duplicates of its communicator: one for the metadata agreements, one for the tensor data. MPI matches
+duplicates of it (World.dup): one for the metadata agreements, one for the tensor data. MPI matches
 collectives per communicator, in order: an `*_async` collective left in flight must not meet a barrier
 that one rank reaches first, and a joined rank serves agreements and data without knowing how the
 active ranks interleave them.
@@ -9,12 +9,10 @@ active ranks interleave them.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Sequence
-from typing import Any
 
-from hpcdl.comm import World, mpi
+from hpcdl.comm import World
 from hpcdl.horovod.basics import current_world
 from hpcdl.horovod.errors import ArgumentError, HorovodInternalError
 
@@ -26,8 +24,8 @@ class ProcessSet:
         self.ranks = sorted(int(r) for r in ranks) if ranks is not None else None
         self.process_set_id: int | None = None
         self.world: World | None = None  # this rank's sub-world; None where this rank is not a member
-        self.agreement: Any = None  # the metadata agreements' communicator (a duplicate of world.comm)
-        self.comm: Any = None  # the tensor data's communicator (another duplicate)
+        self.agreement: World | None = None  # the metadata agreements' World (a duplicate of `world`)
+        self.data: World | None = None  # the tensor data's World (another duplicate)
         self.agreements = 0  # agreements this rank took part in: the same count on every member at each one
 
     def size(self) -> int:
@@ -60,7 +58,7 @@ _registered: dict[int, ProcessSet] = {}
 
 def _attach(pset: ProcessSet, world: World) -> None:
     """Make this rank a member of `pset` on `world` (a collective over `world`)."""
-    pset.world, pset.agreement, pset.comm = world, world.comm.Dup(), world.comm.Dup()
+    pset.world, pset.agreement, pset.data = world, world.dup(), world.dup()
 
 
 def resolve(process_set: ProcessSet | None) -> ProcessSet:
@@ -79,7 +77,7 @@ def gradient_world(process_set: ProcessSet | None) -> World:
     """The World a DistributedOptimizer averages over: its set's, or this rank alone where it is not a member."""
     chosen = global_process_set if process_set is None else process_set
     if chosen is not global_process_set and not chosen.included():
-        return dataclasses.replace(current_world(), comm=mpi().COMM_SELF, rank=0, size=1, hosts=())
+        return current_world().alone()
     return resolve(chosen).world
 
 
@@ -87,7 +85,7 @@ def add_process_set(process_set: ProcessSet | Sequence[int]) -> ProcessSet:
     """Register a set on every rank (a collective: every rank calls it with the same ranks) and return it."""
     chosen = process_set if isinstance(process_set, ProcessSet) else ProcessSet(process_set)
     world = current_world()
-    everyone = world.comm.allgather(chosen.ranks)
+    everyone = world.allgather(chosen.ranks)
     if any(ranks != everyone[0] for ranks in everyone):
         raise HorovodInternalError(f"hpcdl.horovod.add_process_set: ranks disagree on the set: {everyone}")
     if (
@@ -105,7 +103,7 @@ def add_process_set(process_set: ProcessSet | Sequence[int]) -> ProcessSet:
     if member:
         _attach(chosen, sub)
     else:
-        sub.comm.Free()
+        sub.free()
     chosen.process_set_id = next(_ids)
     _registered[chosen.process_set_id] = chosen
     return chosen
@@ -116,7 +114,7 @@ def remove_process_set(process_set: ProcessSet) -> bool:
     if _registered.pop(process_set.process_set_id, None) is None:
         return False
     if process_set.world is not None:
-        for comm in (process_set.agreement, process_set.comm, process_set.world.comm):
-            comm.Free()
-    process_set.world = process_set.agreement = process_set.comm = process_set.process_set_id = None
+        for world in (process_set.agreement, process_set.data, process_set.world):
+            world.free()
+    process_set.world = process_set.agreement = process_set.data = process_set.process_set_id = None
     return True

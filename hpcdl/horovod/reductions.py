@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from hpcdl.comm import SUMMABLE, buffer, mpi
+from hpcdl.comm import SUMMABLE, Op
 from hpcdl.horovod.agreement import EVERYTHING, agreed
 from hpcdl.horovod.autograd import differentiable
 from hpcdl.horovod.compression import Compression, Compressor
@@ -25,19 +25,17 @@ from hpcdl.horovod.refused import not_offered
 Average, Sum, Adasum, Min, Max, Product = "average", "sum", "adasum", "min", "max", "product"
 
 
-# The reduction each op performs on the wire, as agreement.py names it.
-_REDUCTIONS = {Average: "sum", Sum: "sum", Min: "min", Max: "max", Product: "product"}
+# The reduction each op performs on the wire, as the communication layer and agreement.py name it.
+_REDUCTIONS: dict[str, Op] = {Average: "sum", Sum: "sum", Min: "min", Max: "max", Product: "product"}
 
 
-def mpi_op(op: str) -> Any:
-    """The MPI reduction for a Horovod op (Average sums, then divides); Adasum and unknown ops raise."""
-    MPI = mpi()
-    ops = {Average: MPI.SUM, Sum: MPI.SUM, Min: MPI.MIN, Max: MPI.MAX, Product: MPI.PROD}
+def wire_op(op: str) -> Op:
+    """The reduction a Horovod op performs on the wire (Average sums, then divides); Adasum and unknown ops raise."""
     if op == Adasum:
         not_offered("op=hvd.Adasum", "op=hvd.Average (the default) or op=hvd.Sum")
-    if op not in ops:
+    if op not in _REDUCTIONS:
         raise ArgumentError(f"hpcdl.horovod: unknown reduction op {op!r}; use hvd.Average, hvd.Sum, hvd.Min or hvd.Max")
-    return ops[op]
+    return _REDUCTIONS[op]
 
 
 def resolve_op(op: str | None, average: bool | None) -> str:
@@ -87,11 +85,11 @@ def _allreduce_into(
     process_set: ProcessSet | None,
 ) -> Handle:
     """Start reducing `tensor` into `target` (same shape) over the set's ranks."""
-    reduction, pset = mpi_op(op), resolve(process_set)
+    reduction, pset = wire_op(op), resolve(process_set)
     work, restore = to_wire(tensor, prescale, compression)
 
     def start(_: Any) -> Handle:
-        request = pset.comm.Iallreduce(mpi().IN_PLACE, buffer(work), op=reduction)
+        request = pset.data.iallreduce(work, reduction)
 
         def finish() -> torch.Tensor:
             with torch.no_grad():
@@ -101,7 +99,7 @@ def _allreduce_into(
         return Handle(request, finish, keep=[work])
 
     # The row carries the wire's dtype: a joined rank adds zeros of that dtype.
-    return agreed(pset, "allreduce", work, EVERYTHING, start, reduction=_REDUCTIONS[op])
+    return agreed(pset, "allreduce", work, EVERYTHING, start, reduction=reduction)
 
 
 def allreduce_async(

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpcdl.comm import buffer
 from hpcdl.horovod.agreement import EVERYTHING, agreed
 from hpcdl.horovod.autograd import differentiable
 from hpcdl.horovod.collectives import grouped_allgather
@@ -20,7 +19,7 @@ from hpcdl.horovod.compression import Compression, Compressor
 from hpcdl.horovod.errors import ArgumentError
 from hpcdl.horovod.handles import Handle, named, synchronize
 from hpcdl.horovod.process_sets import ProcessSet, resolve
-from hpcdl.horovod.reductions import Average, Sum, from_wire, mpi_op, to_wire
+from hpcdl.horovod.reductions import Average, Sum, from_wire, to_wire, wire_op
 
 
 def _rows(total: int, ranks: int) -> list[int]:
@@ -39,7 +38,7 @@ def reducescatter_async(
 ) -> Handle:
     """Start reducing `tensor` over the set and scattering dim 0; `synchronize` returns this rank's rows."""
     if op not in (Average, Sum):
-        mpi_op(op)  # Adasum: the refusal
+        wire_op(op)  # Adasum: the refusal
         raise ArgumentError(f"hpcdl.horovod.reducescatter: op must be hvd.Average or hvd.Sum, not {op!r}")
     if tensor.ndim == 0:
         raise ArgumentError("hpcdl.horovod.reducescatter: a scalar has no dim 0 to scatter; reshape it to (1,)")
@@ -50,7 +49,7 @@ def reducescatter_async(
 
     def start(_: Any) -> Handle:
         mine = torch.empty((rows[pset.rank()], *tensor.shape[1:]), dtype=work.dtype)
-        request = pset.comm.Ireduce_scatter(buffer(work), buffer(mine), [r * row for r in rows], op=mpi_op(op))
+        request = pset.data.ireduce_scatter(work, mine, [r * row for r in rows], wire_op(op))
         return Handle(request, lambda: from_wire(mine, restore, op, postscale_factor, pset.size()), keep=[work, mine])
 
     return named(name, lambda: agreed(pset, "reducescatter", tensor, EVERYTHING, start))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcdl.comm import World, mpi
+from hpcdl.comm import SharedCounters, World, init, thread_multiple
 from hpcdl.config import NON_NEGATIVE, POSITIVE, check_choice, check_number, check_path
 from hpcdl.data.loader import Batch, Loader
 from hpcdl.errors import ConfigError, DataError, HpcdlError
@@ -27,7 +27,7 @@ from hpcdl.infer.inputs import ScoringInput, describe_split, open_reader
 from hpcdl.infer.metrics import Tally, classification_metrics
 from hpcdl.infer.model import ScoringModel, from_checkpoint, from_module
 from hpcdl.infer.quantize import QUANTIZE, int8
-from hpcdl.infer.schedule import ROWS_DONE, SCHEDULES, ClaimedChunks, SharedCounters, static_plan
+from hpcdl.infer.schedule import ROWS_DONE, SCHEDULES, SLOTS, ClaimedChunks, static_plan
 from hpcdl.infer.writer import OUTPUTS, GatheredRows, PredictionFile, check_destination, check_room, columns
 from hpcdl.progress import Progress
 
@@ -104,7 +104,7 @@ def prepare(world: World, request: Request, model: str | nn.Module, need_labels:
             check_destination(Path(request.out), request.data, request.overwrite)
         return source
 
-    source = world.comm.bcast(world.agree(lambda: check_inputs() if world.is_root else None), root=0)
+    source = world.bcast(world.agree(lambda: check_inputs() if world.is_root else None), root=0)
     notes: list[str] = []
     scoring = world.agree(
         lambda: from_module(model, source) if isinstance(model, nn.Module) else from_checkpoint(model, source, notes)
@@ -137,11 +137,11 @@ def run(world: World, job: Job) -> Scored:
     else:
         attrs = {"data": str(job.request.data), "split": job.request.split, "model": job.model.source or job.model.name}
         lay_out = lambda: PredictionFile.lay_out(job.out, job.source.rows, shapes, attrs)  # noqa: E731
-        offsets = world.comm.bcast(world.agree(lambda: lay_out() if world.is_root else None), root=0)
+        offsets = world.bcast(world.agree(lambda: lay_out() if world.is_root else None), root=0)
         sink = PredictionFile(job.out, offsets, shapes)  # a failure to open it is kept, like a failed write
     scored, failure = score(world, job, sink)
     failure = failure or sink.close()
-    failed = [error for error in world.comm.allgather(failure) if error]
+    failed = [error for error in world.allgather(failure) if error]
     if failed:  # every rank has finished: rank 0 removes the temporary output, then every rank ends
         if world.is_root:
             sink.discard()
@@ -163,20 +163,20 @@ def score(world: World, job: Job, sink: PredictionFile | GatheredRows) -> tuple[
     block = static_plan(source.rows, request.batch, world.rank, world.size) if request.schedule == "static" else None
     owned = block.owned_range() if block is not None else (0, source.rows)  # dynamic: any row, any rank
     reader = world.agree(lambda: open_reader(source, owned))
-    counters = SharedCounters(world.comm)
+    counters = SharedCounters(world, slots=SLOTS)
     if block is not None:
         plan, prefetch = block, request.prefetch
     else:
         plan = ClaimedChunks(counters, source.rows, request.batch)
         # Claimed chunks not yet scored are what a slow rank holds back. The prefetch thread claims them: MPI from
         # two threads, so without MPI_THREAD_MULTIPLE the loop claims and reads them itself.
-        prefetch = min(request.prefetch, 1) if mpi().Query_thread() == mpi().THREAD_MULTIPLE else 0
+        prefetch = min(request.prefetch, 1) if thread_multiple() else 0
     # Scoring reads each row once, in order: spans, no read-ahead hints (claimed chunks are not known ahead).
     loader = Loader(reader, plan, prefetch, job.model.dtype, read_ahead=0)
     tally = Tally(job.model.classes) if source.labelled else None
     bar = Progress(source.rows, desc=f"/{request.split}", unit="samples", enabled=world.is_root and request.progress)
     mine, failure = 0, None
-    world.comm.Barrier()
+    world.barrier()
     began = time.perf_counter()
     with bar, torch.inference_mode():
         try:
@@ -190,8 +190,8 @@ def score(world: World, job: Job, sink: PredictionFile | GatheredRows) -> tuple[
                     break  # this rank stops; the others score the rest, and the failure is said at the end
         except HpcdlError as exc:  # a read error, likewise
             failure = str(exc)
-        finished = world.comm.Ibarrier()
-        while not finished.Test():  # rank 0 redraws the others' progress while it waits for them
+        finished = world.ibarrier()
+        while not finished.test():  # rank 0 redraws the others' progress while it waits for them
             time.sleep(POLL_S)
             bar.update(counters.add(ROWS_DONE, 0) - bar.count)
     seconds = float(world.allreduce_max(np.array([time.perf_counter() - began]))[0])
@@ -201,7 +201,7 @@ def score(world: World, job: Job, sink: PredictionFile | GatheredRows) -> tuple[
     if tally is not None:
         total = tally.summed(world)
         metrics = classification_metrics(total.confusion, total.loss_sum)
-    rows_per_rank = world.comm.allgather(mine)
+    rows_per_rank = world.allgather(mine)
     return Scored(source.rows, seconds, rows_per_rank, metrics), failure
 
 
@@ -241,7 +241,6 @@ def predict(
     HDF5 file as `hpcdl infer` writes it (replacing one there); without, `arrays` holds them on rank 0 (index,
     class, and probs/logits if in `outputs`), in sample order. `metrics` (labelled splits) is the same on every rank.
     """
-    from hpcdl.api import init
     from hpcdl.parallel.data import broadcast_module
 
     world = world or init()

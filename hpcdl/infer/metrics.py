@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from hpcdl.checkpoint import write_atomically
-from hpcdl.comm import World, mpi
+from hpcdl.comm import World
 from hpcdl.errors import HpcdlError
 from hpcdl.metrics import strict_json
 
@@ -40,7 +40,7 @@ class Tally:
     def summed(self, world: World) -> Tally:
         """The counts of every rank added together (exact: integers, and one float64 sum)."""
         total = Tally(self.classes)
-        world.comm.Allreduce(self.confusion, total.confusion, op=mpi().SUM)
+        total.confusion = world.allreduce_sum(self.confusion)
         total.loss_sum = float(world.allreduce_sum(np.array([self.loss_sum]))[0])
         return total
 

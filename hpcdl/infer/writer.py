@@ -176,7 +176,7 @@ class GatheredRows:
 
     def gather(self, world: World) -> dict[str, np.ndarray] | None:
         """Rank 0: every column of every row, in sample order; None on other ranks (collective)."""
-        parts = world.comm.gather(self.parts, root=0)
+        parts = world.gather(self.parts, root=0)
         if not world.is_root:
             return None
         joined = {name: np.empty((self.rows, *shape), dtype) for name, (dtype, shape) in self.shapes.items()}

@@ -22,10 +22,10 @@ Maker = Callable[[Config, Layout, World, nn.Module, tuple[int, ...], dict | None
 
 
 def _data(cfg: Config, layout: Layout, world: World, model: nn.Module, shape, state, device) -> Strategy:
-    from hpcdl.parallel.data import DataParallel
+    from hpcdl.parallel.data import DataParallelStrategy
 
     par = cfg.parallel
-    return DataParallel(model, world, par.bucket_mb, par.overlap, par.compression)
+    return DataParallelStrategy(model, world, par.bucket_mb, par.overlap, par.compression)
 
 
 def _pipeline(cfg: Config, layout: Layout, world: World, model: nn.Module, shape, state, device) -> Strategy:

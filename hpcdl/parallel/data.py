@@ -9,32 +9,30 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from hpcdl.comm import World, buffer
+from hpcdl.comm import World
 from hpcdl.data.loader import Batch
 from hpcdl.data.partition import DataShare
-from hpcdl.device import to_cpu, transport
+from hpcdl.device import to_cpu
 from hpcdl.metrics import PhaseTimer
 from hpcdl.parallel.grad_sync import GradSync
-from hpcdl.parallel.loss import zero_contribution
-from hpcdl.parallel.strategy import StepResult, Strategy, named_params
+from hpcdl.parallel.strategy import StepResult, Strategy, forward_backward, named_params
 
 
 def broadcast_module(world: World, module: nn.Module, root: int = 0) -> None:
     """Make every rank's parameters and buffers bitwise equal to `root`'s."""
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
-            with transport(tensor.device).for_mpi(tensor.data, read=world.rank == root) as memory:
-                world.comm.Bcast(buffer(memory), root=root)
+            world.broadcast_(tensor.data, root)
 
 
 def broadcast_optimizer(world: World, optimizer: torch.optim.Optimizer, root: int = 0) -> None:
     """Make every rank's optimizer state (moments, step counts, hyper-parameters) equal to `root`'s."""
-    state = world.comm.bcast(to_cpu(optimizer.state_dict()) if world.rank == root else None, root=root)
+    state = world.bcast(to_cpu(optimizer.state_dict()) if world.rank == root else None, root)
     if world.rank != root:
         optimizer.load_state_dict(state)
 
 
-class DataParallel(Strategy):
+class DataParallelStrategy(Strategy):
     """A model replicated on every rank of `world`, with bucketed, overlapped gradient Allreduce.
 
     Each rank's loss is its share of the global batch's mean (see `share_of_loss`),
@@ -74,18 +72,7 @@ class DataParallel(Strategy):
 
     def forward_backward(self, batch: Batch, timer: PhaseTimer, scale: float = 1.0) -> StepResult:
         """Forward and backward on this rank's share; buckets start their Allreduce as they fill."""
-        self.model.train()
-        with timer.phase("forward"):
-            if len(batch.y):
-                with self.autocast():
-                    logits = self.model(batch.x)
-                    loss = self.objective.share_of_loss(logits, batch)
-                result = self.objective.counted(logits, batch.y, loss.item() * batch.global_count)
-            else:
-                loss, result = zero_contribution(self.model), StepResult()
-        with timer.phase("backward"):
-            (loss * scale if scale != 1.0 else loss).backward()
-        return result
+        return forward_backward(self, self.model, batch, timer, scale)
 
     def finish_sync(self, timer: PhaseTimer) -> None:
         """Wait for every bucket's sum (the exposed communication), starting any not yet started."""

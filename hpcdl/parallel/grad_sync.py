@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from hpcdl import trace
-from hpcdl.comm import SUMMABLE, World, buffer, mpi
-from hpcdl.device import transport
+from hpcdl.comm import SUMMABLE, Request, World, testall, transport, waitall
 
 WIRE_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -43,7 +42,7 @@ class Bucket:
     rounds_to: torch.dtype | None = None  # bf16 compression: values are rounded to it before the float32 sum
     ready: int = 0  # how many of its gradients are final in this sync
     copied: object = None  # the event after which MPI may read `host` (None: at once)
-    request: object = None
+    request: Request | None = None
     started: float = 0.0  # when its Allreduce began (recorded only while tracing)
 
 
@@ -167,21 +166,21 @@ class GradSync:
         while self.copying and (wait or self.via.ready(self.copying[0].copied)):
             bucket = self.copying.popleft()
             self.via.wait(bucket.copied)
-            bucket.request = self.world.comm.Iallreduce(mpi().IN_PLACE, buffer(bucket.host), op=mpi().SUM)
+            bucket.request = self.world.iallreduce(bucket.host)
 
     def _progress(self) -> None:
         """Start what can start; let MPI move pending sums forward (MPI progresses only inside MPI calls)."""
         self._launch()
         pending = [b.request for b in self.buckets if b.request is not None]
         if pending:
-            mpi().Request.Testall(pending)
+            testall(pending)
 
     def finish(self) -> None:
         """Start every bucket not started yet, wait for all; afterwards each .grad holds the (scaled) sum."""
         while self.started < len(self.buckets):
             self._start(self.buckets[self.started])
         self._launch(wait=True)
-        mpi().Request.Waitall([b.request for b in self.buckets])
+        waitall(b.request for b in self.buckets)
         if trace.ACTIVE is not None:  # one timeline event per bucket: its start to the wait's end
             done = time.perf_counter()
             for k, b in enumerate(self.buckets):
@@ -203,7 +202,7 @@ class GradSync:
         self._launch(wait=True)
         pending = [b.request for b in self.buckets if b.request is not None]
         if pending:
-            mpi().Request.Waitall(pending)
+            waitall(pending)
         for bucket in self.buckets:
             bucket.flat.zero_()
             bucket.ready, bucket.request, bucket.copied = 0, None, None

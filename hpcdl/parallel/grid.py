@@ -57,7 +57,7 @@ class Grid:
         if self.coord("replica") != 0:
             return None
         group = self.group(axis)
-        parts = group.comm.gather(to_cpu(part), root=0)  # pickled: CPU tensors, whatever GPU each rank uses
+        parts = group.gather(to_cpu(part), root=0)  # pickled: CPU tensors, whatever GPU each rank uses
         return parts if group.rank == 0 else None
 
     @property

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hpcdl.comm import SUMMABLE, World, buffer, mpi
+from hpcdl.comm import SUMMABLE, World
 from hpcdl.data.loader import Batch
 from hpcdl.metrics import PhaseTimer
-from hpcdl.parallel.data import DataParallel
+from hpcdl.parallel.data import DataParallelStrategy
 from hpcdl.parallel.strategy import StepResult
 
 
@@ -31,7 +31,7 @@ def average_in_place(world: World, tensors: list[torch.Tensor]) -> int:
         group = [t for t in tensors if t.dtype == dtype]
         wire = dtype if dtype in SUMMABLE else torch.float32  # MPI has no bfloat16 sum: summed in float32
         flat = torch.cat([t.detach().reshape(-1).to(wire) for t in group])
-        world.comm.Allreduce(mpi().IN_PLACE, buffer(flat), op=mpi().SUM)
+        world.allreduce_(flat)
         flat.div_(world.size)
         offset = 0
         for t in group:
@@ -51,7 +51,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     ]
 
 
-class LocalSGD(DataParallel):
+class LocalSGD(DataParallelStrategy):
     """Replicas that step alone for `local_steps` optimizer steps, then average their weights."""
 
     replicated = False  # the ranks' weights differ between averages: the replica check does not apply
@@ -131,7 +131,7 @@ class LocalSGD(DataParallel):
     def local_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """Every rank's own weights and optimizer state, and the averaging clock, on rank 0."""
         own = {"model": self.model.state_dict(), "optimizer": optimizer.state_dict()}
-        ranks = self.world.comm.gather(own, root=0)
+        ranks = self.world.gather(own, root=0)
         return {"mode": "local-sgd", "world_size": self.world.size, "updates": self.updates, "ranks": ranks}
 
     def load_local_state(self, optimizer: torch.optim.Optimizer, state: dict | None) -> None:

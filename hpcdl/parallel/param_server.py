@@ -25,14 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpcdl.comm import World, buffer, mpi
+from hpcdl.comm import Request, World, waitall, waitany
 from hpcdl.data.loader import Batch
 from hpcdl.data.partition import DataShare
 from hpcdl.metrics import PhaseTimer
 from hpcdl.parallel.data import broadcast_module
-from hpcdl.parallel.loss import zero_contribution
 from hpcdl.parallel.state import join_optimizer_states, keyed_optimizer_state, local_optimizer_state
-from hpcdl.parallel.strategy import StepResult, Strategy, named_params
+from hpcdl.parallel.strategy import StepResult, Strategy, forward_backward, named_params
 
 GRAD_TAG, PARAM_TAG, HEADER_TAG = 7101, 7102, 7103
 APPLIED, TOO_STALE = 0, 1  # a server's answer to an async push
@@ -111,7 +110,7 @@ class ParameterServer(Strategy):
         self.versions = [0] * len(self.shards)  # async worker: each shard's server version its parameters hold
         self.staleness: Counter[int] = Counter()
         self.recomputed = 0
-        self.sends: list = []
+        self.sends: list[Request] = []
         self.last: tuple[Batch, float] | None = None  # async worker: the batch to compute again when too stale
 
     def _make_shards(self, everything: list[nn.Parameter]) -> list[Shard]:
@@ -145,47 +144,32 @@ class ParameterServer(Strategy):
             return StepResult()
         # ps-sync: a share of the global mean (the servers' sum is the mean); ps-async: this worker's own mean.
         scale = scale * len(self.workers) if self.asynchronous else scale
-        result = self._forward_backward(batch, timer, scale)
+        result = forward_backward(self, self.model, batch, timer, scale)
         self.last = (batch, scale)
         if sync and not self.asynchronous:
             with timer.phase("comm"):
                 self._push(self.shards)
         return result
 
-    def _forward_backward(self, batch: Batch, timer: PhaseTimer, scale: float) -> StepResult:
-        self.model.train()
-        with timer.phase("forward"):
-            if len(batch.y):
-                with self.autocast():
-                    outputs = self.model(batch.x)
-                    loss = self.objective.share_of_loss(outputs, batch)
-                result = self.objective.counted(outputs, batch.y, loss.item() * batch.global_count)
-            else:
-                loss, result = zero_contribution(self.model), StepResult()
-        with timer.phase("backward"):
-            (loss * scale if scale != 1.0 else loss).backward()
-        return result
-
     def _push(self, shards: list[Shard], header: bool = False) -> None:
         """Worker: send the gradients of `shards` to their servers (async: each after its version)."""
-        mpi().Request.Waitall(self.sends)
+        waitall(self.sends)
         self.sends = []
         for shard in shards:
             shard.pack_grads()
             if header:
                 stamp = np.array([self.versions[self.shards.index(shard)]], dtype=np.int64)
-                self.sends.append(self.world.comm.Isend(stamp, dest=shard.server, tag=HEADER_TAG))
-            self.sends.append(self.world.comm.Isend(buffer(shard.grads), dest=shard.server, tag=GRAD_TAG))
+                self.sends.append(self.world.isend_buffer(stamp, shard.server, HEADER_TAG))
+            self.sends.append(self.world.isend_buffer(shard.grads, shard.server, GRAD_TAG))
 
     def _sum_pushes(self) -> None:
         """ps-sync server: every worker's gradients of each shard, summed in worker order into .grad."""
-        comm = self.world.comm
         requests = [
-            comm.Irecv(buffer(shard.incoming[k]), source=worker, tag=GRAD_TAG)
+            self.world.irecv_buffer(shard.incoming[k], worker, GRAD_TAG)
             for shard in self.shards
             for k, worker in enumerate(self.workers)
         ]
-        mpi().Request.Waitall(requests)
+        waitall(requests)
         for shard in self.shards:
             shard.grads.copy_(shard.incoming[0])
             for more in shard.incoming[1:]:
@@ -203,17 +187,15 @@ class ParameterServer(Strategy):
                 for shard in self.shards:
                     shard.pack_values()
                 sends = [
-                    self.world.comm.Isend(buffer(shard.values), dest=worker, tag=PARAM_TAG)
+                    self.world.isend_buffer(shard.values, worker, PARAM_TAG)
                     for shard in self.shards
                     for worker in self.workers
                 ]
-                mpi().Request.Waitall(sends)
+                waitall(sends)
             return
         with timer.phase("comm"):
-            pulls = [
-                self.world.comm.Irecv(buffer(shard.values), source=shard.server, tag=PARAM_TAG) for shard in self.shards
-            ]
-            mpi().Request.Waitall(pulls + self.sends)
+            pulls = [self.world.irecv_buffer(shard.values, shard.server, PARAM_TAG) for shard in self.shards]
+            waitall(pulls + self.sends)
             self.sends = []
             for shard in self.shards:
                 shard.unpack_values()
@@ -222,19 +204,19 @@ class ParameterServer(Strategy):
 
     def _serve_async(self, optimizer: torch.optim.Optimizer, timer: PhaseTimer) -> None:
         """One applied gradient from every worker, each as it arrives (or in worker order), each answered."""
-        comm, (shard,) = self.world.comm, self.shards  # one dtype per server in async mode (checked)
+        (shard,) = self.shards  # one dtype per server in async mode (checked)
         stamps = {w: np.zeros(1, dtype=np.int64) for w in self.workers}
         waiting = list(self.workers)
-        requests = {w: comm.Irecv(stamps[w], source=w, tag=HEADER_TAG) for w in waiting}
+        requests = {w: self.world.irecv_buffer(stamps[w], w, HEADER_TAG) for w in waiting}
         while waiting:
             with timer.phase("comm"):
                 if self.deterministic:
                     worker = waiting[0]
-                    requests[worker].Wait()
+                    requests[worker].wait()
                 else:
-                    index = mpi().Request.Waitany([requests[w] for w in waiting])
+                    index = waitany([requests[w] for w in waiting])
                     worker = waiting[index]
-                comm.Recv(buffer(shard.grads), source=worker, tag=GRAD_TAG)
+                self.world.recv_buffer(shard.grads, worker, GRAD_TAG)
             staleness = self.version - int(stamps[worker][0])
             answer = TOO_STALE if staleness > self.max_staleness else APPLIED
             if answer == APPLIED:
@@ -244,11 +226,11 @@ class ParameterServer(Strategy):
                 self.staleness[staleness] += 1
                 waiting.remove(worker)
             else:
-                requests[worker] = comm.Irecv(stamps[worker], source=worker, tag=HEADER_TAG)
+                requests[worker] = self.world.irecv_buffer(stamps[worker], worker, HEADER_TAG)
             with timer.phase("comm"):
                 shard.pack_values()
-                comm.Send(np.array([answer, self.version], dtype=np.int64), dest=worker, tag=HEADER_TAG)
-                comm.Send(buffer(shard.values), dest=worker, tag=PARAM_TAG)
+                self.world.send_buffer(np.array([answer, self.version], dtype=np.int64), worker, HEADER_TAG)
+                self.world.send_buffer(shard.values, worker, PARAM_TAG)
 
     def _push_pull_async(self, optimizer: torch.optim.Optimizer, timer: PhaseTimer) -> None:
         """Push to every server; a server that finds the gradient too stale sends fresh parameters: compute again."""
@@ -259,19 +241,19 @@ class ParameterServer(Strategy):
                 answers = []
                 for shard in pending:
                     reply = np.zeros(2, dtype=np.int64)
-                    self.world.comm.Recv(reply, source=shard.server, tag=HEADER_TAG)
-                    self.world.comm.Recv(buffer(shard.values), source=shard.server, tag=PARAM_TAG)
+                    self.world.recv_buffer(reply, shard.server, HEADER_TAG)
+                    self.world.recv_buffer(shard.values, shard.server, PARAM_TAG)
                     shard.unpack_values()
                     self.versions[self.shards.index(shard)] = int(reply[1])
                     answers.append(int(reply[0]))
-                mpi().Request.Waitall(self.sends)
+                waitall(self.sends)
                 self.sends = []
             pending = [shard for shard, answer in zip(pending, answers) if answer == TOO_STALE]
             if pending:  # on the fresh parameters just received
                 self.recomputed += 1
                 self.zero_grad()
                 batch, scale = self.last
-                self._forward_backward(batch, timer, scale)
+                forward_backward(self, self.model, batch, timer, scale)
 
     # -- the rest of the interface
 
@@ -308,7 +290,7 @@ class ParameterServer(Strategy):
             own = {name: value for name, value in self.model.named_buffers()}
         else:
             own = {}
-        parts = self.world.comm.gather(own, root=0)
+        parts = self.world.gather(own)
         whole = self.model.state_dict()
         if parts is None:
             return whole
@@ -318,7 +300,7 @@ class ParameterServer(Strategy):
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """The servers' optimizer states joined as the unsplit model's, on rank 0."""
         mine = keyed_optimizer_state(optimizer.state_dict(), self.global_ids) if self.is_server else None
-        parts = self.world.comm.gather(mine, root=0)
+        parts = self.world.gather(mine)
         return mine if parts is None else join_optimizer_states([p for p in parts if p is not None], {})
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -330,7 +312,7 @@ class ParameterServer(Strategy):
         """ps-async: the staleness of every applied gradient, summed over servers, and the pushes made again."""
         if not self.asynchronous:
             return {}
-        counts = self.world.comm.allgather(dict(self.staleness))
+        counts = self.world.allgather(dict(self.staleness))
         histogram: Counter[int] = Counter()
         for part in counts:
             histogram.update(part)

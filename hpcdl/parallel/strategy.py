@@ -21,10 +21,10 @@ from hpcdl.comm import World
 from hpcdl.data.loader import Batch
 from hpcdl.data.partition import DataShare
 from hpcdl.metrics import PhaseTimer
-from hpcdl.parallel.loss import CLASSIFICATION, Objective, StepResult
+from hpcdl.parallel.loss import CLASSIFICATION, Objective, StepResult, zero_contribution
 from hpcdl.precision import autocast
 
-__all__ = ["Strategy", "StepResult", "named_params"]
+__all__ = ["Strategy", "StepResult", "forward_backward", "named_params"]
 
 
 class Strategy(ABC):
@@ -148,3 +148,24 @@ def named_params(model: nn.Module, params: list[nn.Parameter]) -> list[str]:
     """The names of `params` in `model` (positions for any the model does not name)."""
     names = {id(p): name for name, p in model.named_parameters()}
     return [names.get(id(p), f"parameter #{i}") for i, p in enumerate(params)]
+
+
+def forward_backward(strategy: Strategy, model: nn.Module, batch: Batch, timer: PhaseTimer, scale: float) -> StepResult:
+    """Forward and backward of the whole `model` on this rank's rows, the loss multiplied by `scale`.
+
+    Shared by the strategies whose ranks each run the whole model (data parallel, ZeRO, parameter servers' workers);
+    what happens to the gradients during and after backward (hooks, no_sync, the exchange) stays with each.
+    A rank with no rows backpropagates a zero loss, so that its hooks fire as its peers' do.
+    """
+    model.train()
+    with timer.phase("forward"):
+        if len(batch.y):
+            with strategy.autocast():
+                outputs = model(batch.x)
+                loss = strategy.objective.share_of_loss(outputs, batch)
+            result = strategy.objective.counted(outputs, batch.y, loss.item() * batch.global_count)
+        else:
+            loss, result = zero_contribution(model), StepResult()
+    with timer.phase("backward"):
+        (loss * scale if scale != 1.0 else loss).backward()
+    return result

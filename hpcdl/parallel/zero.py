@@ -26,14 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hpcdl.comm import World, buffer, mpi
+from hpcdl.comm import Request, World, waitall
 from hpcdl.data.loader import Batch
 from hpcdl.data.partition import DataShare
 from hpcdl.metrics import PhaseTimer
 from hpcdl.parallel.data import broadcast_module
 from hpcdl.parallel.grad_sync import group_parameters
-from hpcdl.parallel.loss import zero_contribution
-from hpcdl.parallel.strategy import StepResult, Strategy
+from hpcdl.parallel.strategy import StepResult, Strategy, forward_backward
 
 
 @dataclass
@@ -46,7 +45,7 @@ class SliceBucket:
     counts: list[int]  # how much of the region each rank's slice holds
     received: torch.Tensor  # this rank's part: a view into its slice's summed gradient
     ready: int = 0
-    request: object = None
+    request: Request | None = None
 
     @property
     def complete(self) -> bool:
@@ -112,33 +111,23 @@ class ZeroDataParallel(Strategy):
     def _start(self, bucket: SliceBucket) -> None:
         """Sum one bucket over the ranks, each receiving its part of it (Reduce_scatter with uneven counts)."""
         self.started += 1
-        bucket.request = self.world.comm.Ireduce_scatter(
-            buffer(self.flat_grads[bucket.begin : bucket.end]), buffer(bucket.received), bucket.counts, op=mpi().SUM
+        bucket.request = self.world.ireduce_scatter(
+            self.flat_grads[bucket.begin : bucket.end], bucket.received, bucket.counts
         )
 
     # -- the step
 
     def train_step(self, batch: Batch, timer: PhaseTimer, sync: bool = True, scale: float = 1.0) -> StepResult:
         """Forward and backward of this rank's rows on the whole model; with `sync`, the slice's summed gradient."""
-        self.model.train()
-        with timer.phase("forward"):
-            if len(batch.y):
-                with self.autocast():
-                    outputs = self.model(batch.x)
-                    loss = self.objective.share_of_loss(outputs, batch)
-                result = self.objective.counted(outputs, batch.y, loss.item() * batch.global_count)
-            else:
-                loss, result = zero_contribution(self.model), StepResult()
         self.syncing = sync and self.stage == 2  # stage 2: buckets reduce-scatter as backward makes them
-        with timer.phase("backward"):
-            (loss * scale if scale != 1.0 else loss).backward()
+        result = forward_backward(self, self.model, batch, timer, scale)
         self.syncing = False
         for p in self.whole:
             self._keep_grad_view(p)
         if sync:
             with timer.phase("comm"):
                 if self.stage == 1:
-                    self.world.comm.Allreduce(mpi().IN_PLACE, buffer(self.flat_grads), op=mpi().SUM)
+                    self.world.allreduce_(self.flat_grads)
                 else:
                     self._finish()
         return result
@@ -147,7 +136,7 @@ class ZeroDataParallel(Strategy):
         """Start the buckets not started yet (parameters backward did not reach), in order; wait for all."""
         while self.started < len(self.buckets):
             self._start(self.buckets[self.started])
-        mpi().Request.Waitall([b.request for b in self.buckets])
+        waitall(b.request for b in self.buckets)
         for bucket in self.buckets:
             bucket.request, bucket.ready = None, 0
         self.started = 0
@@ -165,7 +154,7 @@ class ZeroDataParallel(Strategy):
         with timer.phase("optimizer"):
             optimizer.step()
         with timer.phase("comm"):
-            self.world.comm.Allgather(mpi().IN_PLACE, buffer(self.flat))
+            self.world.allgather_(self.flat)
         # The loop owns the optimizer: its state is counted here, for the summary.
         self.optimizer_bytes = sum(
             v.numel() * v.element_size() for entry in optimizer.state.values() for v in entry.values() if _sliced(v)
@@ -206,7 +195,7 @@ class ZeroDataParallel(Strategy):
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """Every rank's slice state joined on rank 0 into per-parameter entries, as data parallel's optimizer has."""
         own = optimizer.state_dict()
-        parts = self.world.comm.gather(own["state"].get(0, {}), root=0)
+        parts = self.world.gather(own["state"].get(0, {}))
         groups = [{**g, "params": list(range(len(self.whole)))} for g in own["param_groups"]]
         if parts is None:
             return {"state": {}, "param_groups": groups}
@@ -252,7 +241,7 @@ class ZeroDataParallel(Strategy):
             "optimizer_state_bytes": self.optimizer_bytes,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
-        return {"zero": {"stage": self.stage, "per_rank": self.world.comm.allgather(mine)}}
+        return {"zero": {"stage": self.stage, "per_rank": self.world.allgather(mine)}}
 
 
 def _copy(value):

@@ -159,9 +159,9 @@ def prediction_errors(rows: list, runs_batch: dict[int, int], work: Workload, ne
 
 def projection_figure(strong: dict, weak: dict, nodes: list[int], measured: list[tuple[int, float]] | None = None):
     """Two panels: strong-scaling speedup (with ideal) and weak-scaling efficiency, per strategy, log x."""
-    from hpcdl.scale.report import _pyplot
+    from hpcdl.plot import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
     left.plot(nodes, nodes, "k--", linewidth=1, label="ideal")
     for s in STRATEGIES:
@@ -180,7 +180,7 @@ def projection_figure(strong: dict, weak: dict, nodes: list[int], measured: list
 
 def run_projection(opts: argparse.Namespace) -> dict:
     """Project, print the tables and the error on measured points, write projection.{md,csv,png,json}."""
-    from hpcdl.bench.common import table
+    from hpcdl.studies import table
 
     if opts.comm:
         net = network_from_comm(opts.comm)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcdl.errors import DataError
+from hpcdl.plot import pyplot
 
 SPLIT = ("data", "compute", "comm", "optimizer", "other")
 SPLIT_COLORS = {"data": "#8c8c8c", "compute": "#4c72b0", "comm": "#dd8452", "optimizer": "#55a868", "other": "#c9c9c9"}
@@ -139,7 +140,7 @@ def table_cells(row: Row) -> list[str]:
 
 def write_tables(rows: list[Row], out: Path) -> tuple[Path, Path]:
     """scaling.md (Markdown) and scaling.csv (full precision) in `out`."""
-    from hpcdl.bench.common import table
+    from hpcdl.studies import table
 
     md = out / "scaling.md"
     note = ""
@@ -163,18 +164,9 @@ def write_tables(rows: list[Row], out: Path) -> tuple[Path, Path]:
     return md, path
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def speedup_figure(studies: list[list[Row]]):
     """Measured speedup per study against the ideal line; oversubscribed points hollow and labelled."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
     top = max(r.ideal for rows in studies for r in rows)
     ax.plot([1, top], [1, top], "k--", linewidth=1, label="ideal")
@@ -190,7 +182,7 @@ def speedup_figure(studies: list[list[Row]]):
 
 def efficiency_figure(studies: list[list[Row]]):
     """Parallel efficiency (speedup / ideal) per study; 1.0 is perfect."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
     top = max(r.ideal for rows in studies for r in rows)
     ax.plot([1, top], [1, 1], "k--", linewidth=1, label="ideal")
@@ -215,7 +207,7 @@ def _mark_oversubscribed(ax, rows: list[Row], ys: list[float]) -> None:
 
 def breakdown_figure(studies: list[list[Row]]):
     """Stacked time per step (data, compute, exposed comm, optimizer, other) per rank count, one panel per study."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(studies), figsize=(2.6 + 2.2 * len(studies), 3.6), dpi=100, squeeze=False)
     for ax, rows in zip(axes[0], studies):
         names = [f"{r.ranks}*" if r.oversubscribed else str(r.ranks) for r in rows]
@@ -241,7 +233,7 @@ def report(dirs: list[str], out: str | None = None) -> dict[str, Path]:
     target.mkdir(parents=True, exist_ok=True)
     md, csv_path = write_tables([r for rows in studies for r in rows], target)
     files = {"markdown": md, "csv": csv_path}
-    plt = _pyplot()
+    plt = pyplot()
     for name, build in (
         ("speedup", speedup_figure),
         ("efficiency", efficiency_figure),

@@ -139,7 +139,7 @@ def _check_inputs(opts: argparse.Namespace, ranks: list[int]) -> int:
 
 def _launch(opts: argparse.Namespace, ranks: int, batch: int, run_dir: Path) -> None:
     """One `hpcdl train` job at `ranks` ranks, through mpiexec or srun, with a timeout."""
-    from hpcdl.bench.common import launcher
+    from hpcdl.studies import launcher
 
     total = opts.warmup + opts.steps
     train = [sys.executable, "-m", "hpcdl", "train", "--config", opts.config, "--threads", str(opts.threads)]
@@ -171,7 +171,7 @@ def _launch(opts: argparse.Namespace, ranks: int, batch: int, run_dir: Path) -> 
 
 def run_study(opts: argparse.Namespace) -> Path:
     """Every size x repeat, interleaved (1 2 4 1 2 4 ...), each as its own job; then the report."""
-    from hpcdl.bench.common import provenance
+    from hpcdl.studies import provenance
 
     ranks = parse_ranks(opts.ranks)
     base_batch = _check_inputs(opts, ranks)  # every bad input fails here, before any launch

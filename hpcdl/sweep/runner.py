@@ -32,11 +32,10 @@ from typing import Any
 import numpy as np
 
 from hpcdl import config
-from hpcdl.comm import World
+from hpcdl.comm import SharedCounters, World
 from hpcdl.data.schema import validate
 from hpcdl.errors import ConfigError, HpcdlError, TrialFailed
 from hpcdl.faults import Injector
-from hpcdl.infer.schedule import SharedCounters
 from hpcdl.parallel.loss import make_objective
 from hpcdl.resilience import StopSignals
 
@@ -147,19 +146,19 @@ def run_sweep(world: World, plan: Plan, epochs: int, on_result=None) -> tuple[li
     finally:
         signals.uninstall()  # after a stop its handlers stay: a second signal ends the rank at once
     everything = [read_result(plan.out, i) for i in range(len(plan.trials))] if world.is_root else None
-    return world.comm.bcast(everything, root=0), stopped
+    return world.bcast(everything, root=0), stopped
 
 
 def run_rounds(world: World, group: World, plan: Plan, epochs: int, signals: SweepSignals, on_result) -> bool:
     """The rounds of the sweep (one without halving); whether a stop signal ended them early."""
     todo = list(range(len(plan.trials)))
     for budget in budgets(plan, epochs):
-        counters = SharedCounters(world.comm)
+        counters = SharedCounters(world, slots=2)
         stopped = run_round(group, plan, todo, budget, counters, signals, on_result)
         counters.close()  # collective over the world: every group is done with this round
         if world.allreduce_max(np.array([float(stopped)]))[0]:
             return True
-        results = world.comm.bcast([read_result(plan.out, i) for i in todo] if world.is_root else None, root=0)
+        results = world.bcast([read_result(plan.out, i) for i in todo] if world.is_root else None, root=0)
         if budget != epochs:
             todo = survivors(plan, todo, results)
     return False
@@ -173,7 +172,7 @@ def run_round(
     while True:
         # Agreed by the group before its leader claims: no rank leaves while another starts a trial.
         stopping = stopping or bool(group.allreduce_max(np.array([float(signals.pending())]))[0])
-        claim = group.comm.bcast(claim_next(counters, stopping) if group.is_root else None, root=0)
+        claim = group.bcast(claim_next(counters, stopping) if group.is_root else None, root=0)
         if claim is None:
             return True
         if claim >= len(todo):
@@ -209,7 +208,7 @@ def survivors(plan: Plan, todo: list[int], results: list[dict[str, Any] | None])
 def run_trial(group: World, plan: Plan, index: int, epochs: int) -> dict[str, Any]:
     """Train trial `index` for `epochs` on `group` (or take its recorded result); its result, on every rank."""
     recorded = read_result(plan.out, index) if group.is_root else None
-    recorded = group.comm.bcast(recorded, root=0)
+    recorded = group.bcast(recorded, root=0)
     done = recorded and recorded["status"] == "ok" and recorded["epochs_asked"] >= epochs
     if done or (recorded and recorded["status"] == "failed"):
         return recorded  # finished before (a resumed sweep), or failed: not tried again
@@ -236,7 +235,7 @@ def run_trial(group: World, plan: Plan, index: int, epochs: int) -> dict[str, An
     if group.is_root:  # the group leader reads the trial's records and writes its result
         result.update(epoch_figures(folder / "metrics.jsonl", plan.metric, plan.mode))
         write_result(folder, result)
-    return group.comm.bcast(result, root=0)
+    return group.bcast(result, root=0)
 
 
 def train_quietly(cfg: config.Config, group: World, folder: Path, faults: Injector | None = None) -> dict[str, Any]:

@@ -9,11 +9,12 @@ import json
 import time
 
 import hpcdl
-from hpcdl.infer.schedule import NEXT_CHUNK, SharedCounters
+from hpcdl.comm import SharedCounters
+from hpcdl.infer.schedule import NEXT_CHUNK
 
 BUSY_S = 1.5
 world = hpcdl.init(threads=1)
-counters = SharedCounters(world.comm)
+counters = SharedCounters(world, slots=2)
 if world.rank == 0:
     began = time.perf_counter()
     while time.perf_counter() - began < BUSY_S:

@@ -6,7 +6,7 @@ from hpcdl import comm
 from hpcdl.data.loader import Batch
 from hpcdl.metrics import PhaseTimer
 from hpcdl.models import MLP
-from hpcdl.parallel.data import DataParallel
+from hpcdl.parallel.data import DataParallelStrategy
 
 
 def resident_kib() -> int:
@@ -17,7 +17,7 @@ def resident_kib() -> int:
 world = comm.init(threads=1)
 torch.manual_seed(0)
 model = MLP(64, [256, 256], 10)
-engine = DataParallel(model, world, bucket_mb=0.1)
+engine = DataParallelStrategy(model, world, bucket_mb=0.1)
 optimizer = torch.optim.SGD(engine.params, lr=0.01, momentum=0.9)
 x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
 batch, timer = Batch(x, y, 32 * world.size), PhaseTimer()

@@ -88,7 +88,7 @@ def stage_starts(
         if sample is None:
             raise ConfigError("parallel.balance = 'time' needs a sample batch to time the layers on")
         # Timed on rank 0 only, then shared: every rank must cut at the same places.
-        weights = world.comm.bcast(layer_times(layers, sample) if world.rank == 0 else None, root=0)
+        weights = world.bcast(layer_times(layers, sample) if world.rank == 0 else None, root=0)
     else:
         weights = [float(sum(p.numel() for p in layer.parameters())) for layer in layers]
     return balanced_starts(weights, candidates, stages)

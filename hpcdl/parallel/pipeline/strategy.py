@@ -19,15 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpcdl import comm
-from hpcdl.comm import World
+from hpcdl.comm import World, init
 from hpcdl.data.loader import Batch
 from hpcdl.data.partition import DataShare
 from hpcdl.device import CPU
 from hpcdl.errors import ConfigError
 from hpcdl.metrics import PhaseTimer
 from hpcdl.models import is_meta, materialize
-from hpcdl.parallel.data import DataParallel
+from hpcdl.parallel.data import DataParallelStrategy
 from hpcdl.parallel.layout import Layout, named_layers
 from hpcdl.parallel.loss import zero_contribution
 from hpcdl.parallel.pipeline.p2p import ACTIVATION, GRADIENT, RecvQueue, SendQueue, recv_meta, send_meta
@@ -68,7 +67,7 @@ class Pipeline(Strategy):
         initial_state: dict[str, torch.Tensor] | None = None,
         device: torch.device = CPU,
     ):
-        world = world or comm.init()
+        world = world or init()
 
         def check() -> tuple[Layout, list[tuple[str, nn.Module]]]:
             if schedule not in SCHEDULES:
@@ -108,7 +107,7 @@ class Pipeline(Strategy):
         self.share = DataShare(self.grid.coord("replica"), self.grid.size("replica"))
         self.dp = None
         if replicas > 1:
-            self.dp = DataParallel(self.stage, self.grid.group("replica"), bucket_mb, overlap, compression)
+            self.dp = DataParallelStrategy(self.stage, self.grid.group("replica"), bucket_mb, overlap, compression)
         self.recv_act = self.recv_grad = self.send_act = self.send_grad = None
         self.peak_alive = 0  # micro-batches' activations held at once (for tests and benchmarks)
 
@@ -133,20 +132,20 @@ class Pipeline(Strategy):
         """Agree once on each boundary's sample shape and dtype; allocate the receive buffers."""
         if self.send_act is not None or self.recv_act is not None or self.stages == 1:
             return
-        comm, grid = self.pipe.comm, self.grid
+        pipe, grid = self.pipe, self.grid
         shape, dtype = tuple(batch.x.shape[1:]), batch.x.dtype
         if not self.is_first:
-            shape, dtype = recv_meta(comm, grid.prev_stage_rank)
+            shape, dtype = recv_meta(pipe, grid.prev_stage_rank)
             slots = peak_alive(schedule(self.kind, self.stage_index, self.stages, self.micro)) + 1
-            self.recv_act = RecvQueue(comm, grid.prev_stage_rank, ACTIVATION, slots, shape, dtype, self.device)
-            self.send_grad = SendQueue(comm, grid.prev_stage_rank, GRADIENT, self.device)
+            self.recv_act = RecvQueue(pipe, grid.prev_stage_rank, ACTIVATION, slots, shape, dtype, self.device)
+            self.send_grad = SendQueue(pipe, grid.prev_stage_rank, GRADIENT, self.device)
         if not self.is_last:
             with torch.no_grad(), self.autocast():  # under autocast the activations travel in bf16/fp16
                 probe = self.stage(torch.zeros(1, *shape, dtype=dtype, device=self.device))
-            send_meta(comm, grid.next_stage_rank, probe)
-            self.send_act = SendQueue(comm, grid.next_stage_rank, ACTIVATION, self.device)
+            send_meta(pipe, grid.next_stage_rank, probe)
+            self.send_act = SendQueue(pipe, grid.next_stage_rank, ACTIVATION, self.device)
             self.recv_grad = RecvQueue(
-                comm, grid.next_stage_rank, GRADIENT, 2, tuple(probe.shape[1:]), probe.dtype, self.device
+                pipe, grid.next_stage_rank, GRADIENT, 2, tuple(probe.shape[1:]), probe.dtype, self.device
             )
 
     # -- one step

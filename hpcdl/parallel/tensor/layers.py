@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcdl.comm import World, buffer, mpi
+from hpcdl.comm import World
 from hpcdl.data.partition import block_range
-from hpcdl.device import transport
 
 
 def _sum_over(world: World, tensor: torch.Tensor, layer: ShardedLinear | None = None) -> torch.Tensor:
@@ -27,8 +26,7 @@ def _sum_over(world: World, tensor: torch.Tensor, layer: ShardedLinear | None = 
     # in fp32: MPI cannot add bfloat16, and fp16 partial sums would lose what fp32 keeps.
     wide = tensor.dtype not in (torch.float32, torch.float64)
     out = tensor.contiguous().float() if wide else tensor.contiguous().clone()
-    with transport(out.device).for_mpi(out) as memory:
-        world.comm.Allreduce(mpi().IN_PLACE, buffer(memory), op=mpi().SUM)
+    world.allreduce_(out)
     out = out.to(tensor.dtype) if wide else out
     if layer is not None:
         layer.comm_s += time.perf_counter() - began

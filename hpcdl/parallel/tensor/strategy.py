@@ -19,7 +19,7 @@ from hpcdl.comm import World
 from hpcdl.data.loader import Batch
 from hpcdl.data.partition import DataShare
 from hpcdl.metrics import PhaseTimer
-from hpcdl.parallel.data import DataParallel
+from hpcdl.parallel.data import DataParallelStrategy
 from hpcdl.parallel.layout import Layout, linear_pairs
 from hpcdl.parallel.loss import Objective
 from hpcdl.parallel.state import gather_model_state, gather_optimizer_state, local_optimizer_state
@@ -52,7 +52,7 @@ class TensorParallel(Strategy):
         names = [name for name, _ in self.model.named_parameters()]
         self.param_dims = {i: self.dims[name] for i, name in enumerate(names) if name in self.dims}
         # One engine for the replicas' gradient sum (a 1-rank sub-World when replicas = 1 costs nothing).
-        self.replicas = DataParallel(self.model, self.grid.group("replica"), bucket_mb, overlap, compression)
+        self.replicas = DataParallelStrategy(self.model, self.grid.group("replica"), bucket_mb, overlap, compression)
         self.params, self.param_names = self.replicas.params, self.replicas.param_names
         self.share = DataShare(self.grid.coord("replica"), self.grid.size("replica"))
         self.speaks = self.grid.coord("tensor") == 0  # one tensor rank reports each replica's figures
