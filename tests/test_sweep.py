@@ -70,9 +70,10 @@ def test_failing_trials_are_recorded_and_the_others_finish(datasets, tmp_path):
 
 def test_a_signal_to_one_group_stops_every_group_before_its_next_trial(datasets, tmp_path):
     # Trial 0 is stopped at step 2 by a signal to its group's rank; the other group, unsignalled, finishes trial 1
-    # and then finds the stop raised instead of starting trial 2.
+    # and then finds the stop raised instead of starting trial 2. Trial 1 is long (batches of 2 rows against the
+    # stop's few steps), so the stop is raised while it trains, whichever group claims which trial.
     out = tmp_path / "out"
-    args = ("--groups", "2", "--grid", "train.lr=0.02,0.03,0.04", "--fault", "0=signal@0:2")
+    args = ("--groups", "2", "--grid", "train.batch_size=32,2,32", "--fault", "0=signal@0:2")
     result = sweep(2, datasets["synthetic"], out, *args)
     assert result.returncode == EXIT_REQUEUE, result.stderr
     assert "hpcdl sweep: stopped by a signal; continue with the same command and --resume auto" in result.stdout

@@ -39,13 +39,14 @@ REFUSED = [
     (("--grid", "train.lr=0.02", "--metric", "val_f1"),
      "--metric val_f1: not a metric of this run; its epoch records hold loss, acc, val_loss, val_acc"),
     (("--grid", "train.nope=1,2"), "trial 0 (train.nope=1): config: unknown key 'train.nope'"),
+    (("--grid", "train.epochs=1,3"), "--grid train.epochs: the sweep sets it in every trial itself"),
     (("--grid", "train.lr=0.02,-1"), "trial 1 (train.lr=-1): config: train.lr must be a finite number > 0, got -1.0"),
     (("--random", "2", "--grid", "train.lr=uniform:-2:-1"), "trial 0 (train.lr=-1."),
     (("--grid", "train.lr=0.02", "--groups", "2"), "--groups 2: the job's 1 ranks do not split into 2 equal groups"),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("args", "words"), REFUSED, ids=["metric", "key", "value", "random-value", "groups"])
+@pytest.mark.parametrize(("args", "words"), REFUSED, ids=["metric", "key", "epochs", "value", "random-value", "groups"])
 def test_what_no_trial_could_do_is_refused_before_any_trial_and_writes_nothing(datasets, tmp_path, capsys, args, words):
     out = tmp_path / "out"
     assert words in refusal(capsys, "digits-mlp", datasets["synthetic"], out, *args)

@@ -39,6 +39,8 @@ from hpcdl.faults import Injector
 from hpcdl.parallel.loss import make_objective
 from hpcdl.resilience import StopSignals
 
+# Keys the sweep sets in every trial itself (its folder, no progress bar, the round's epochs): not for --grid.
+SWEEP_SETS = ("run.dir", "run.progress", "train.epochs")
 NEXT_TRIAL = 0  # the counter slot groups claim trials from
 STOP = 1  # the counter slot a stopping group raises: every group stops at its next claim
 RESULT = "result.json"
@@ -107,6 +109,12 @@ def trial_configs(base: str, sets: list[str], trials: list[dict[str, str]]) -> l
     """Each trial's config, loaded as its run loads it: a bad key or value is one line naming the trial, before
     any trial starts."""
     configs = []
+    reserved = sorted({key for overrides in trials for key in overrides} & set(SWEEP_SETS))
+    if reserved:
+        raise ConfigError(
+            f"--grid {reserved[0]}: the sweep sets it in every trial itself (epochs: the config's train.epochs, "
+            "or the rounds of --halving; each trial's own folder, no progress bar); set train.epochs with --set"
+        )
     for index, overrides in enumerate(trials):
         try:
             configs.append(config.load(base, trial_settings(sets, overrides)))
@@ -214,8 +222,9 @@ def run_trial(group: World, plan: Plan, index: int, epochs: int) -> dict[str, An
         return recorded  # finished before (a resumed sweep), or failed: not tried again
     folder = trial_dir(plan.out, index)
     overrides = plan.trials[index]
-    sets = [*trial_settings(plan.sets, overrides), f"run.dir='{folder}'", "run.progress=false"]
-    sets.append(f"train.epochs={epochs}")
+    run_dir, progress, trial_epochs = SWEEP_SETS
+    sets = [*trial_settings(plan.sets, overrides), f"{run_dir}='{folder}'", f"{progress}=false"]
+    sets.append(f"{trial_epochs}={epochs}")
     began, status, error, stopped = time.perf_counter(), "ok", None, False
     try:
         cfg = config.load(plan.base, sets)  # the same on every rank: a bad value fails everywhere alike
