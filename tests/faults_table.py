@@ -92,14 +92,16 @@ CASES = [
     Case(
         "hang in an evaluation",
         ("--fault", "hang-eval@1:1", "run.watchdog_s=4"),
-        "watchdog: evaluation after epoch 1 did not finish within 4 s (run.watchdog_s) per batch; rank(s) 1 did not",
+        "watchdog: evaluation after epoch 1 did not finish within 4 s (run.watchdog_s) per batch; rank(s) 1 did not "
+        "arrive at its communication (rank(s) 0 were waiting in it)",
         within_s=15,
         clean=False,
     ),
     Case(
         "hang in a checkpoint's write",
         ("--fault", "hang-save@0:4", "run.watchdog_s=4", "run.checkpoint_every=4"),
-        "watchdog: checkpoint at step 4 did not finish within 4 s (run.watchdog_s); rank(s) 0 did not",
+        "watchdog: checkpoint at step 4 did not finish within 4 s (run.watchdog_s); rank(s) 0 did not arrive at its "
+        "communication (rank(s) 1 were waiting in it)",
         within_s=15,
         clean=False,
     ),
